@@ -131,39 +131,50 @@ def resolve(specs: SpecsOrFn, params) -> SpecTree:
   return specs(params) if callable(specs) else specs
 
 
-def _mismatch_message(specs, tree, what: str) -> str:
-  spec_paths = [path_str(p) for p, _ in
-                jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec_leaf)[0]]
-  tree_paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  for i, (a, b) in enumerate(zip(spec_paths, tree_paths)):
-    if a != b:
-      return (f"optax_bm: the spec tree does not match the {what}: first mismatch at "
-              f"position {i}: spec path {a!r} vs {what} path {b!r}.")
-  if len(spec_paths) != len(tree_paths):
-    longer, name = ((spec_paths, "spec tree") if len(spec_paths) > len(tree_paths)
-                    else (tree_paths, what))
-    return (f"optax_bm: the spec tree does not match the {what}: {len(spec_paths)} spec "
-            f"leaves vs {len(tree_paths)} {what} leaves; first unmatched path "
-            f"{longer[min(len(spec_paths), len(tree_paths))]!r} in the {name}.")
-  return (f"optax_bm: the spec tree does not match the {what} (same paths, different "
-          f"container types): {jax.tree.structure(specs, is_leaf=is_spec_leaf)} vs "
-          f"{jax.tree.structure(tree)}.")
-
-
 def flatten_specs_like(specs: SpecTree, tree, what: str = "params", is_leaf=None):
-  """Flattens ``specs`` against ``tree``'s structure, with an error naming the first mismatch.
+  """Aligns the spec leaves with ``tree``'s leaves by parameter path.
+
+  Paths are compared as :func:`path_str` renders them, so a spec tree made from
+  ``nnx.state(model, nnx.Param)`` (leaves wrapped in ``nnx.Param``) also fits the pure arrays
+  that ``nnx.Optimizer`` passes to ``update``, and plain dicts fit ``nnx.State``.
 
   Returns:
     (spec_leaves, tree_leaves, treedef, paths): lists in ``tree``'s leaf order.
+
+  Raises:
+    ValueError: naming the first path (in ``tree``'s order) without a spec, or the first spec
+      path without a leaf.
   """
   leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
-  try:
-    spec_leaves = treedef.flatten_up_to(specs)
-  except (ValueError, TypeError) as e:
-    raise ValueError(_mismatch_message(specs, tree, what)) from e
-  paths = [path_str(p) for p, _ in leaves_with_path]
-  for path, s in zip(paths, spec_leaves):
+  spec_with_path = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec_leaf)[0]
+  by_path = {}
+  for p, s in spec_with_path:
+    key = path_str(p)
     if not is_spec_leaf(s):
-      raise ValueError(f"optax_bm: spec for parameter {path!r} is {s!r}; expected a "
+      raise ValueError(f"optax_bm: spec for parameter {key!r} is {s!r}; expected a "
                        "LayerSpec or optax_bm.UNSCALED.")
-  return spec_leaves, [x for _, x in leaves_with_path], treedef, paths
+    by_path[key] = s
+  paths = [path_str(p) for p, _ in leaves_with_path]
+  missing = [p for p in paths if p not in by_path]
+  if missing:
+    raise ValueError(
+        f"optax_bm: the spec tree does not match the {what}: {what} path {missing[0]!r} has no "
+        f"spec ({len(missing)} {what} leaves without a spec; spec paths look like "
+        f"{list(by_path)[:3]}).")
+  extra = sorted(set(by_path) - set(paths), key=list(by_path).index)
+  if extra:
+    raise ValueError(
+        f"optax_bm: the spec tree does not match the {what}: spec path {extra[0]!r} has no "
+        f"{what} leaf ({len(extra)} specs without a leaf; {what} paths look like {paths[:3]}).")
+  return [by_path[p] for p in paths], [x for _, x in leaves_with_path], treedef, paths
+
+
+def leaves_at(tree, paths, what: str = "params", is_leaf=None) -> list:
+  """The leaves of ``tree`` at the given :func:`path_str` paths (wrappers and containers aside)."""
+  by_path = {path_str(p): x for p, x in
+             jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+  try:
+    return [by_path[p] for p in paths]
+  except KeyError as e:
+    raise ValueError(f"optax_bm: the {what} have no leaf at path {e.args[0]!r}, which the "
+                     "updates have.") from None

@@ -1,0 +1,390 @@
+"""Automatic annotation of Flax models: model -> spec tree.
+
+:func:`annotate` traces the model's forward pass to a jaxpr (abstractly: no FLOPs) and follows
+the data flow from the parameters and the input:
+
+* a **kernel op** is a ``conv_general_dilated`` or ``dot_general`` one of whose operands is a
+  parameter leaf (through dtype casts and reshapes only) and the other the activations; kernel
+  ops are numbered in the order the activations reach them, which must form a chain (each
+  kernel reads the activations of the previous block only);
+* every other parameter belongs to the block whose activations it first meets (a bias added
+  to the conv output, a BatchNorm scale multiplying it);
+* a block is **normalized** if its activations are reduced over the batch axis (BatchNorm in
+  training mode);
+* ``s`` is the kernel op's output positions per example, ``c`` the block input's spatial
+  positions over the spatial positions of the block output (its per-example size over the
+  block's output channels, which counts a flattened map before flattening and a global pool
+  as one position).
+
+Written by hand because no library does it: Flax's ``nn.intercept_methods`` exists for Linen
+only, and a jaxpr sees through whatever module structure the user wrote.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import jax
+from jax.extend import core as jex_core
+import numpy as np
+
+from optax_bm import specs as specs_lib
+from optax_bm.specs import CONV, DENSE, KERNEL, OTHER, UNSCALED, LayerSpec
+
+# Ops that keep a parameter "itself" (the kernel operand of a kernel op may pass through them).
+_PASSTHROUGH = frozenset({
+    "convert_element_type", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "copy",
+    "copy_p", "reduce_precision", "sharding_constraint", "optimization_barrier",
+})
+_BATCH_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
+                               "argmax", "argmin"})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+  """What a jaxpr variable is made of."""
+
+  param: Optional[int] = None  # the one parameter leaf it is (up to casts/reshapes)
+  params: frozenset = frozenset()  # parameter leaves it depends on
+  levels: frozenset = frozenset()  # activation levels: 0 = model input, b+1 = block b
+
+
+_CONST = _Info()
+
+
+@dataclasses.dataclass
+class _KernelOp:
+  param: int
+  kind: str
+  in_shape: tuple
+  out_shape: tuple
+  in_levels: frozenset
+
+
+class _Tracer:
+  """Walks a jaxpr (inlining calls) and records kernel ops, parameter uses, batch reductions."""
+
+  def __init__(self, paths, batch_size):
+    self.paths = paths
+    self.batch_size = batch_size
+    self.kernels: list[_KernelOp] = []
+    self.uses: dict[int, set] = {}
+    self.batch_reduced: set = set()
+    self.next_inputs: dict[int, list] = {}  # level -> shapes of kernel-op activation operands
+
+  def read(self, env, v):
+    if isinstance(v, jex_core.Literal):
+      return _CONST
+    return env.get(v, _CONST)
+
+  def run(self, jaxpr, in_infos):
+    env = dict(zip(jaxpr.invars, in_infos))
+    for eqn in jaxpr.eqns:
+      ins = [self.read(env, v) for v in eqn.invars]
+      outs = self.eqn(eqn, ins)
+      for v, info in zip(eqn.outvars, outs):
+        env[v] = info
+    return [self.read(env, v) for v in jaxpr.outvars]
+
+  def _sub_jaxpr(self, eqn):
+    for value in eqn.params.values():
+      if isinstance(value, jex_core.ClosedJaxpr):
+        value = value.jaxpr
+      if isinstance(value, jex_core.Jaxpr) and len(value.invars) == len(eqn.invars):
+        return value
+    return None
+
+  def eqn(self, eqn, ins):
+    name = eqn.primitive.name
+    sub = self._sub_jaxpr(eqn)
+    if sub is not None and len(sub.outvars) == len(eqn.outvars):
+      return self.run(sub, ins)
+    kernel = self._kernel_operand(eqn, ins)
+    params = frozenset().union(*(i.params for i in ins)) if ins else frozenset()
+    levels = frozenset().union(*(i.levels for i in ins)) if ins else frozenset()
+    if kernel is not None:
+      return [self._kernel(eqn, ins, kernel, params)]
+    if levels:
+      # A parameter meeting activations belongs to their block.
+      for i in ins:
+        if not i.levels:
+          for p in i.params:
+            self.uses.setdefault(p, set()).add(levels)
+      if name in _BATCH_REDUCTIONS:
+        self._maybe_batch_reduction(eqn, ins)
+    param = None
+    if name in _PASSTHROUGH and not levels:
+      carriers = {i.param for i in ins if i.params}
+      if len(carriers) == 1 and None not in carriers:
+        param = carriers.pop()
+    return [_Info(param, params, levels) for _ in eqn.outvars]
+
+  def _kernel_operand(self, eqn, ins):
+    name = eqn.primitive.name
+    if name == "conv_general_dilated" and len(ins) == 2:
+      lhs, rhs = ins
+      if rhs.param is not None and lhs.levels and not rhs.levels:
+        return 1
+    if name == "dot_general" and len(ins) == 2:
+      for k in (1, 0):
+        w, x = ins[k], ins[1 - k]
+        if w.param is not None and x.levels and not w.levels and eqn.invars[k].aval.ndim == 2:
+          return k
+    return None
+
+  def _kernel(self, eqn, ins, k, params):
+    name = eqn.primitive.name
+    w_info, x_info = ins[k], ins[1 - k]
+    x_aval = eqn.invars[1 - k].aval
+    out_aval = eqn.outvars[0].aval
+    path = self.paths[w_info.param]
+    if name == "conv_general_dilated":
+      dn = eqn.params["dimension_numbers"]
+      lhs_spec, rhs_spec, out_spec = dn.lhs_spec, dn.rhs_spec, dn.out_spec
+      nd = len(lhs_spec)
+      # Flax layout: lhs NHWC, rhs HWIO, out NHWC.
+      if (tuple(lhs_spec) != (0, nd - 1, *range(1, nd - 1))
+          or tuple(out_spec) != (0, nd - 1, *range(1, nd - 1))
+          or tuple(rhs_spec) != (nd - 1, nd - 2, *range(0, nd - 2))):
+        raise ValueError(f"optax_bm.annotate: convolution with kernel {path!r} does not use "
+                         f"Flax's NHWC/HWIO layout (dimension numbers {dn}).")
+      if eqn.params.get("feature_group_count", 1) != 1:
+        raise ValueError(f"optax_bm.annotate: grouped convolution with kernel {path!r} is "
+                         "not supported by the scalar local Hessians.")
+      kind = CONV
+    else:
+      (contract, batch) = eqn.params["dimension_numbers"]
+      w_contract = contract[k]
+      x_contract = contract[1 - k]
+      if batch != ((), ()) or tuple(w_contract) != (0,) or tuple(x_contract) != (x_aval.ndim - 1,):
+        raise ValueError(f"optax_bm.annotate: dense kernel {path!r} must be used as "
+                         "`x @ kernel` with kernel shape (m_in, n_out) (Flax's layout); got "
+                         f"dimension numbers {eqn.params['dimension_numbers']}.")
+      if k != 1:
+        raise ValueError(f"optax_bm.annotate: dense kernel {path!r} multiplies the activations "
+                         "from the left; expected `x @ kernel`.")
+      kind = DENSE
+    level = len(self.kernels)
+    for op in self.kernels:
+      if op.param == w_info.param:
+        raise ValueError(f"optax_bm.annotate: parameter {path!r} is the kernel of two kernel "
+                         "ops (weight sharing is not a chain of blocks).")
+    if x_info.levels != frozenset({level}):
+      where = "the model input" if level == 0 else f"block {level - 1}'s output"
+      raise ValueError(
+          f"optax_bm.annotate: the model is not a chain of blocks: kernel {path!r} (block "
+          f"{level}) reads activations of levels {sorted(x_info.levels)} (0 = the input, b+1 = "
+          f"block b), expected {where} only (skip connections and branches are not chains).")
+    self.next_inputs.setdefault(level, []).append(tuple(x_aval.shape))
+    self.kernels.append(_KernelOp(w_info.param, kind, tuple(x_aval.shape),
+                                  tuple(out_aval.shape), x_info.levels))
+    return _Info(None, params, frozenset({level + 1}))
+
+  def _maybe_batch_reduction(self, eqn, ins):
+    axes = eqn.params.get("axes", eqn.params.get("axis", ()))
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    for v, i in zip(eqn.invars, ins):
+      shape = getattr(v.aval, "shape", ())
+      if i.levels and 0 in axes and shape and shape[0] == self.batch_size:
+        self.batch_reduced.add(i.levels)
+
+
+def _per_example_size(shape):
+  return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+def _unscaled_paths(unscaled, params, paths) -> set:
+  if unscaled is None:
+    return set()
+  if isinstance(unscaled, str):
+    unscaled = [unscaled]
+  if callable(unscaled):
+    unscaled = unscaled(params)
+  if isinstance(unscaled, (list, tuple, set, frozenset)) and all(
+      isinstance(u, str) for u in unscaled):
+    unknown = [u for u in unscaled if u not in paths]
+    if unknown:
+      raise ValueError(f"optax_bm.annotate: unscaled path {unknown[0]!r} is not a parameter; "
+                       f"parameter paths look like {paths[:4]}.")
+    return set(unscaled)
+  # An optax-style mask: a tree of bools with the parameters' paths.
+  mask = {specs_lib.path_str(p): bool(m)
+          for p, m in jax.tree_util.tree_flatten_with_path(unscaled)[0]}
+  return {p for p in paths if mask.get(p, False)}
+
+
+def _trace_nnx(model, args, kwargs):
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def forward(params, rest, args, kwargs):
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    if hasattr(m, "train"):
+      m.train()  # BatchNorm on batch statistics: that is what a training step sees.
+    return m(*args, **kwargs)
+
+  return params, rest, forward
+
+
+def _trace_linen(module, variables, args, kwargs):
+  if not isinstance(variables, dict) or "params" not in variables:
+    raise ValueError("optax_bm.annotate: for a Linen module, call "
+                     "annotate(module, variables, *sample_args, **sample_kwargs) with the "
+                     "variables from module.init (a dict with a 'params' collection).")
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+
+  def forward(params, rest, args, kwargs):
+    out, _ = module.apply({"params": params, **rest}, *args, mutable=list(rest), **kwargs)
+    return out
+
+  return params, rest, forward
+
+
+def annotate(model: Any, *sample_args: Any,
+             unscaled: Optional[Union[Iterable[str], Any, Callable[[Any], Any]]] = None,
+             **sample_kwargs: Any) -> Any:
+  """Annotates every parameter of a Flax model with its block (a spec tree).
+
+  Runs the model abstractly on the sample inputs (``jax.make_jaxpr``: shapes only, no
+  FLOPs), finds the kernel layers (convolutions and dense layers) and their order along the
+  chain, each block's ``s``, ``c`` and whether a BatchNorm sits in it, and places every bias
+  and BatchNorm parameter in its block (see the module docstring for the rules).
+
+  Args:
+    model: a Flax NNX module (``nnx.Module``), or a Linen module, in which case the first
+      sample argument must be its ``variables`` (``{'params': ..., 'batch_stats': ...}``).
+      NNX models are traced in training mode (``model.train()`` on a copy); for Linen pass
+      the flag that selects training mode (e.g. ``train=True``) in ``sample_kwargs``.
+    *sample_args: sample inputs (arrays or ``jax.ShapeDtypeStruct``), batch axis first.
+    unscaled: parameters to leave out of the rescaling (spec :data:`optax_bm.UNSCALED`):
+      an iterable of paths like ``"embed/scale"``, an optax-style mask (tree of bools or
+      callable on params). Without it, a parameter the annotation cannot place is an error.
+    **sample_kwargs: keyword arguments of the forward pass.
+
+  Returns:
+    A tree of :class:`optax_bm.LayerSpec` with exactly the structure of the optimized
+    parameters: ``nnx.state(model, nnx.Param)`` for NNX, ``variables['params']`` for Linen.
+
+  Raises:
+    ValueError: naming the parameter path, when a parameter cannot be placed, the model is
+      not a chain of blocks, or a kernel does not use Flax's layout.
+
+  Example:
+    >>> model = train.models.vgg("vgg11", num_classes=10, rngs=nnx.Rngs(0))  # doctest: +SKIP
+    >>> specs = optax_bm.annotate(model, jnp.zeros((2, 32, 32, 3)))  # doctest: +SKIP
+    >>> tx = optax_bm.scale_amended_sgd(0.1, specs)  # doctest: +SKIP
+
+  References:
+    Zhang, Chen & Liu, *On the Local Hessian in Back-propagation*, NeurIPS 2018, §4 and
+    supplement §C.
+  """
+  try:
+    from flax import nnx
+    is_nnx = isinstance(model, nnx.Module)
+  except ImportError:  # pragma: no cover
+    is_nnx = False
+  if is_nnx:
+    params, rest, forward = _trace_nnx(model, sample_args, sample_kwargs)
+    args = sample_args
+  else:
+    import flax.linen as nn
+    if not isinstance(model, nn.Module):
+      raise TypeError(f"optax_bm.annotate: expected a Flax nnx.Module or linen Module, got "
+                      f"{type(model).__name__}.")
+    if not sample_args:
+      raise ValueError("optax_bm.annotate: a Linen module needs its variables as the first "
+                       "sample argument.")
+    params, rest, forward = _trace_linen(model, sample_args[0], sample_args[1:], sample_kwargs)
+    args = sample_args[1:]
+
+  arrays = [x for x in jax.tree.leaves((args, sample_kwargs))
+            if hasattr(x, "shape") and hasattr(x, "dtype") and len(x.shape) > 0]
+  if not arrays:
+    raise ValueError("optax_bm.annotate: needs at least one sample input array (batch first).")
+  batch_size = arrays[0].shape[0]
+
+  param_paths_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  paths = [specs_lib.path_str(p) for p, _ in param_paths_leaves]
+  n_params = len(paths)
+
+  def to_abstract(x):
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return x
+
+  flat_params, params_def = jax.tree.flatten(params)
+  # Only arrays are traced; Python flags (train=True) and other leaves stay static.
+  inputs_flat, inputs_def = jax.tree.flatten((args, sample_kwargs))
+  is_array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in inputs_flat]
+
+  def flat_forward(flat_params, rest, input_arrays):
+    it = iter(input_arrays)
+    merged = [next(it) if a else x for x, a in zip(inputs_flat, is_array)]
+    call_args, call_kwargs = jax.tree.unflatten(inputs_def, merged)
+    return forward(jax.tree.unflatten(params_def, flat_params), rest, call_args, call_kwargs)
+
+  closed = jax.make_jaxpr(flat_forward)(
+      [to_abstract(x) for x in flat_params], jax.tree.map(to_abstract, rest),
+      [to_abstract(x) for x, a in zip(inputs_flat, is_array) if a])
+  jaxpr = closed.jaxpr
+  n_rest = len(jax.tree.leaves(rest))
+  n_args = len(jaxpr.invars) - n_params - n_rest
+  in_infos = ([_Info(i, frozenset({i})) for i in range(n_params)] + [_CONST] * n_rest
+              + [_Info(levels=frozenset({0}))] * n_args)
+  tracer = _Tracer(paths, batch_size)
+  out_infos = tracer.run(jaxpr, in_infos)
+
+  if not tracer.kernels:
+    raise ValueError("optax_bm.annotate: found no kernel layer (convolution or dense) acting "
+                     "on the input.")
+  num_blocks = len(tracer.kernels)
+  top_level = num_blocks
+  out_shapes = [tuple(v.aval.shape) for v, i in zip(jaxpr.outvars, out_infos)
+                if top_level in i.levels]
+  if not out_shapes:
+    raise ValueError("optax_bm.annotate: the model's output does not depend on its last kernel "
+                     f"{paths[tracer.kernels[-1].param]!r}.")
+
+  block_specs = []
+  for b, op in enumerate(tracer.kernels):
+    n_out = op.out_shape[-1]
+    s = _per_example_size(op.out_shape) // n_out
+    if op.kind == DENSE:
+      c = 1.0
+    else:
+      nxt = tracer.next_inputs.get(b + 1) or out_shapes
+      size = _per_example_size(nxt[0])
+      if size % n_out:
+        raise ValueError(
+            f"optax_bm.annotate: cannot count the output positions of block {b} (kernel "
+            f"{paths[op.param]!r}): its output of {size} values per example is not a multiple "
+            f"of its {n_out} channels.")
+      c = (_per_example_size(op.in_shape) // op.in_shape[-1]) / (size // n_out)
+    normalized = frozenset({b + 1}) in tracer.batch_reduced
+    block_specs.append(dict(kind=op.kind, s=s, c=c, normalized=normalized))
+
+  skip = _unscaled_paths(unscaled, params, paths)
+  kernel_of = {op.param: b for b, op in enumerate(tracer.kernels)}
+  leaf_specs = []
+  for i, path in enumerate(paths):
+    if path in skip:
+      leaf_specs.append(UNSCALED)
+    elif i in kernel_of:
+      leaf_specs.append(LayerSpec(block=kernel_of[i], role=KERNEL, **block_specs[kernel_of[i]]))
+    else:
+      uses = tracer.uses.get(i, set())
+      if len(uses) != 1 or len(next(iter(uses))) != 1 or 0 in next(iter(uses)):
+        why = ("is never used on the activations" if not uses else
+               "acts on the model input before the first kernel" if uses == {frozenset({0})}
+               else f"meets the activations of several blocks (levels {sorted(map(sorted, uses))})")
+        raise ValueError(
+            f"optax_bm.annotate: cannot place parameter {path!r} in a block: it {why}. Pass "
+            f"unscaled=[{path!r}] to leave it out of the rescaling.")
+      (level,) = next(iter(uses))
+      b = level - 1
+      leaf_specs.append(LayerSpec(block=b, role=OTHER, **block_specs[b]))
+  return jax.tree.unflatten(params_def, leaf_specs)
