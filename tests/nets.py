@@ -1,0 +1,189 @@
+"""Small chain networks for the core tests: each model is an explicit list of blocks.
+
+A block is one kernel layer and everything up to the next one (SPEC §1), so the reference
+back-matching loop can run the very same modules block by block.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import nnx
+
+from optax_bm import LayerSpec
+
+
+class ConvBlock(nnx.Module):
+  """conv -> [BatchNorm] -> ReLU -> [pool] -> [flatten | global average pool]."""
+
+  def __init__(self, cin, cout, *, rngs, stride=1, bn=True, pool=False, tail=None,
+               dtype=jnp.float32):
+    self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", rngs=rngs,
+                         dtype=dtype, param_dtype=dtype)
+    self.bn = nnx.BatchNorm(cout, rngs=rngs, dtype=dtype, param_dtype=dtype) if bn else None
+    self.pool = pool
+    self.tail = tail
+
+  def __call__(self, x):
+    x = self.conv(x)
+    if self.bn is not None:
+      x = self.bn(x)
+    x = nnx.relu(x)
+    if self.pool:
+      x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    if self.tail == "flatten":
+      x = x.reshape(x.shape[0], -1)
+    elif self.tail == "gap":
+      x = x.mean(axis=(1, 2))
+    return x
+
+
+class DenseBlock(nnx.Module):
+  """dense -> [BatchNorm -> ReLU] (hidden) or dense alone (classifier)."""
+
+  def __init__(self, din, dout, *, rngs, bn=False, relu=False, dtype=jnp.float32):
+    self.fc = nnx.Linear(din, dout, rngs=rngs, dtype=dtype, param_dtype=dtype)
+    self.bn = nnx.BatchNorm(dout, rngs=rngs, dtype=dtype, param_dtype=dtype) if bn else None
+    self.relu = relu
+
+  def __call__(self, x):
+    x = self.fc(x)
+    if self.bn is not None:
+      x = self.bn(x)
+    return nnx.relu(x) if self.relu else x
+
+
+class Chain(nnx.Module):
+
+  def __init__(self, blocks):
+    self.blocks = nnx.List(blocks)
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = b(x)
+    return x
+
+
+def vgg_like(dtype=jnp.float32, seed=0, hw=8, classes=5):
+  """conv-BN-ReLU-pool, conv-BN-ReLU, conv-BN-ReLU-pool-flatten, dense-BN-ReLU, dense."""
+  r = nnx.Rngs(seed)
+  s = hw // 4
+  return Chain([
+      ConvBlock(3, 4, rngs=r, pool=True, dtype=dtype),
+      ConvBlock(4, 6, rngs=r, dtype=dtype),
+      ConvBlock(6, 8, rngs=r, pool=True, tail="flatten", dtype=dtype),
+      DenseBlock(8 * s * s, 7, rngs=r, bn=True, relu=True, dtype=dtype),
+      DenseBlock(7, classes, rngs=r, dtype=dtype),
+  ])
+
+
+def vgg_like_expected(hw=8):
+  """Hand-computed (kind, s, c, normalized) of :func:`vgg_like`'s blocks."""
+  return [("conv", hw * hw, 4.0, True), ("conv", (hw // 2) ** 2, 1.0, True),
+          ("conv", (hw // 2) ** 2, 4.0, True), ("dense", 1, 1.0, True),
+          ("dense", 1, 1.0, False)]
+
+
+def stride2_net(dtype=jnp.float32, seed=1, classes=5):
+  """A stride-2 SAME convolution, an unnormalized conv block, flatten, classifier."""
+  r = nnx.Rngs(seed)
+  return Chain([
+      ConvBlock(3, 4, rngs=r, stride=2, dtype=dtype),
+      ConvBlock(4, 5, rngs=r, bn=False, tail="flatten", dtype=dtype),
+      DenseBlock(5 * 4 * 4, classes, rngs=r, dtype=dtype),
+  ])
+
+
+def stride2_expected():
+  return [("conv", 16, 4.0, True), ("conv", 16, 1.0, False), ("dense", 1, 1.0, False)]
+
+
+def gap_net(dtype=jnp.float32, seed=2, classes=5):
+  """conv-BN-pool, conv-BN, global average pool over 4x4, classifier."""
+  r = nnx.Rngs(seed)
+  return Chain([
+      ConvBlock(3, 4, rngs=r, pool=True, dtype=dtype),
+      ConvBlock(4, 6, rngs=r, tail="gap", dtype=dtype),
+      DenseBlock(6, classes, rngs=r, dtype=dtype),
+  ])
+
+
+def gap_expected():
+  return [("conv", 64, 4.0, True), ("conv", 16, 16.0, True), ("dense", 1, 1.0, False)]
+
+
+# --- Linen: the same VGG-like chain, one submodule per block -------------------------------
+
+
+class LinenConvBlock(nn.Module):
+  features: int
+  pool: bool = False
+  flatten: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.features, (3, 3), padding="SAME", dtype=self.dtype,
+                param_dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
+                     param_dtype=self.dtype)(x)
+    x = nn.relu(x)
+    if self.pool:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    if self.flatten:
+      x = x.reshape(x.shape[0], -1)
+    return x
+
+
+class LinenDense(nn.Module):
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train
+    return nn.Dense(self.features, dtype=self.dtype, param_dtype=self.dtype)(x)
+
+
+class LinenChain(nn.Module):
+  dtype: jnp.dtype = jnp.float32
+  classes: int = 5
+
+  def setup(self):
+    self.blocks = [LinenConvBlock(4, pool=True, dtype=self.dtype),
+                   LinenConvBlock(6, pool=True, flatten=True, dtype=self.dtype),
+                   LinenDense(self.classes, dtype=self.dtype)]
+
+  def __call__(self, x, train: bool = True):
+    for b in self.blocks:
+      x = b(x, train)
+    return x
+
+
+def linen_expected(hw=8):
+  return [("conv", hw * hw, 4.0, True), ("conv", (hw // 2) ** 2, 4.0, True),
+          ("dense", 1, 1.0, False)]
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def hand_specs(params_b, block, kind, s, c, normalized):
+  """A block's spec tree written by hand: leaves named 'kernel' are the kernel."""
+
+  def one(path, _):
+    last = [k for k in path if getattr(k, "name", None) != "value"][-1]
+    name = getattr(last, "key", getattr(last, "name", None))
+    role = "kernel" if name == "kernel" else "other"
+    return LayerSpec(block=block, role=role, kind=kind, s=s, c=c, normalized=normalized)
+
+  return jax.tree_util.tree_map_with_path(one, params_b)
+
+
+def cross_entropy(labels, classes):
+  def loss(logits):
+    onehot = jax.nn.one_hot(labels, classes, dtype=logits.dtype)
+    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
+
+  return loss
