@@ -1,0 +1,142 @@
+"""annotate(): block order, s, c and normalization found from the model itself."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+import flax.linen as nn
+
+import optax_bm
+from optax_bm import LayerSpec, UNSCALED
+from optax_bm.specs import path_str
+from tests import nets
+from train import models
+
+
+def _by_path(specs):
+  return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=optax_bm.specs.is_spec_leaf)[0]}
+
+
+def _block_table(specs):
+  """[(kind, s, c, normalized)] per block, from the kernel leaves, in block order."""
+  kernels = sorted((s for s in _by_path(specs).values()
+                    if isinstance(s, LayerSpec) and s.is_kernel), key=lambda s: s.block)
+  assert [s.block for s in kernels] == list(range(len(kernels)))
+  return [(s.kind, s.s, s.c, s.normalized) for s in kernels]
+
+
+def _expected_from_cfg(cfg, image=32):
+  """Walks a VGG cfg by hand: s = (spatial size)², c = 4 where a 2x2 pool follows."""
+  out, hw = [], image
+  items = list(cfg)
+  for i, item in enumerate(items):
+    if item == "M":
+      continue
+    pool = i + 1 < len(items) and items[i + 1] == "M"
+    out.append(("conv", hw * hw, 4.0 if pool else 1.0, True))
+    hw //= 2 if pool else 1
+  return out + [("dense", 1, 1.0, False)]
+
+
+VGG11_BY_HAND = [  # spatial sizes 32,16,8,8,4,4,2,2; pools after convs 1,2,4,6,8
+    ("conv", 1024, 4.0, True), ("conv", 256, 4.0, True), ("conv", 64, 1.0, True),
+    ("conv", 64, 4.0, True), ("conv", 16, 1.0, True), ("conv", 16, 4.0, True),
+    ("conv", 4, 1.0, True), ("conv", 4, 4.0, True), ("dense", 1, 1.0, False)]
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg13", "vgg16", "vgg19"])
+def test_vgg_specs_equal_hand_computed(name):
+  model = models.vgg(name, num_classes=10, width=1 / 16, rngs=nnx.Rngs(0))
+  specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  table = _block_table(specs)
+  assert table == _expected_from_cfg(models.CFGS[name])
+  if name == "vgg11":
+    assert table == VGG11_BY_HAND
+  # Every BatchNorm parameter sits in its conv's block; the classifier bias in the top block.
+  by_path = _by_path(specs)
+  n_blocks = len(table)
+  for path, s in by_path.items():
+    if path.startswith("blocks/"):
+      assert s.block == int(path.split("/")[1]), path
+      assert s.is_kernel == path.endswith("conv/kernel"), path
+    else:
+      assert path.startswith("classifier/") and s.block == n_blocks - 1, path
+  # The spec tree has exactly the structure of the optimized parameters.
+  assert jax.tree.structure(specs) == jax.tree.structure(nnx.state(model, nnx.Param))
+
+
+def test_annotate_works_in_eval_mode_and_leaves_the_model_alone():
+  model = nets.vgg_like()
+  model.eval()
+  specs = optax_bm.annotate(model, jnp.zeros((3, 8, 8, 3)))
+  assert _block_table(specs) == nets.vgg_like_expected()
+  assert model.blocks[0].bn.use_running_average  # still in eval mode
+
+
+def test_annotate_bf16_compute_and_linen():
+  model = models.vgg("vgg11", num_classes=10, width=1 / 16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert _block_table(optax_bm.annotate(model, jnp.zeros((2, 32, 32, 3)))) == VGG11_BY_HAND
+  lin = nets.LinenChain()
+  variables = lin.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)))
+  specs = optax_bm.annotate(lin, variables, jnp.zeros((2, 8, 8, 3)), train=True)
+  assert _block_table(specs) == nets.linen_expected()
+  assert jax.tree.structure(specs) == jax.tree.structure(variables["params"])
+  with pytest.raises(ValueError, match="variables"):
+    optax_bm.annotate(lin, jnp.zeros((2, 8, 8, 3)))
+
+
+class _InputScale(nnx.Module):
+  def __init__(self, rngs):
+    self.gain = nnx.Param(jnp.ones((3,)))
+    self.body = nets.stride2_net()
+
+  def __call__(self, x):
+    return self.body(x * self.gain)
+
+
+class _Unused(nnx.Module):
+  def __init__(self):
+    self.body = nets.stride2_net()
+    self.spare = nnx.Param(jnp.ones((2,)))
+
+  def __call__(self, x):
+    return self.body(x)
+
+
+class _Residual(nnx.Module):
+  def __init__(self, rngs):
+    self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.b = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.c = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(x))
+    h = nnx.relu(self.c(nnx.relu(self.b(h))) + h)
+    return self.fc(h.mean(axis=(1, 2)))
+
+
+def test_unplaceable_parameter_is_an_error_naming_it_unless_opted_out():
+  x = jnp.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"'gain'.*acts on the model input.*unscaled=\['gain'\]"):
+    optax_bm.annotate(_InputScale(nnx.Rngs(0)), x)
+  specs = optax_bm.annotate(_InputScale(nnx.Rngs(0)), x, unscaled=["gain"])
+  assert _by_path(specs)["gain"] is UNSCALED
+  assert _block_table(specs) == nets.stride2_expected()
+  with pytest.raises(ValueError, match=r"'spare'.*never used"):
+    optax_bm.annotate(_Unused(), x)
+  mask = lambda p: jax.tree_util.tree_map_with_path(lambda k, _: path_str(k) == "spare", p)
+  assert _by_path(optax_bm.annotate(_Unused(), x, unscaled=mask))["spare"] is UNSCALED
+  with pytest.raises(ValueError, match="unscaled path 'nope' is not a parameter"):
+    optax_bm.annotate(_Unused(), x, unscaled=["nope"])
+
+
+def test_skip_connection_is_not_a_chain():
+  with pytest.raises(ValueError, match=r"not a chain.*'c/kernel'"):
+    optax_bm.annotate(_Residual(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3)))
+
+
+def test_not_a_flax_model():
+  with pytest.raises(TypeError, match="expected a Flax"):
+    optax_bm.annotate(lambda x: x, jnp.zeros((2, 3)))
