@@ -1,0 +1,452 @@
+"""Tests for train/data.py: the three ways in, the archive checks, and the on-device pipeline.
+
+Nothing here touches the network: the tfds path runs with a fake module and a mocked probe,
+and the probe itself is tried on loopback sockets only.
+"""
+
+import gzip
+import hashlib
+import importlib.machinery
+import io
+import os
+import pathlib
+import pickle
+import socket
+import struct
+import sys
+import tarfile
+import time
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import data
+
+SAMPLE_ARCHIVE = data.SAMPLE_DIR / "cifar-10-python.tar.gz"
+MINI_DIR = pathlib.Path(os.environ.get("CIFAR10_MINI_DIR", "/work/shared/data/cifar10-mini"))
+needs_mini = pytest.mark.skipif(not MINI_DIR.is_dir(), reason=f"no cifar10-mini at {MINI_DIR}")
+C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference readings, written independently of train/data.py.
+
+
+def hand_decode(rows):
+  """[n, 3072] official rows (red plane, green plane, blue plane) -> [n, 32, 32, 3]."""
+  planes = [rows[:, k * 1024:(k + 1) * 1024].reshape(-1, 32, 32) for k in range(3)]
+  return np.stack(planes, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def sample_batches():
+  """{member name: (rows, labels)} of the shipped sample, read with plain tarfile + pickle."""
+  batches = {}
+  with tarfile.open(SAMPLE_ARCHIVE) as tar:
+    for name in C10_TRAIN + ["test_batch"]:
+      batch = pickle.load(tar.extractfile(f"cifar-10-batches-py/{name}"), encoding="bytes")
+      batches[name] = (batch[b"data"], np.array(batch[b"labels"]))
+  return batches
+
+
+@pytest.fixture(scope="module")
+def reference(sample_batches):
+  train = [sample_batches[n] for n in C10_TRAIN]
+  return data.CifarData(
+      hand_decode(np.concatenate([r for r, _ in train])), np.concatenate([l for _, l in train]),
+      hand_decode(sample_batches["test_batch"][0]), sample_batches["test_batch"][1], 10, "")
+
+
+def assert_same_arrays(got, want):
+  for field in ("train_images", "train_labels", "test_images", "test_labels"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+  assert got.num_classes == want.num_classes
+
+
+def binary_file(rows, *label_columns):
+  """Official binary records: label byte(s), then the 3072 pixel bytes."""
+  return b"".join(struct.pack(f"{len(labels)}B", *labels) + row.tobytes()
+                  for row, *labels in zip(rows, *label_columns))
+
+
+def write_tree(root, files):
+  for name, blob in files.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_bytes(blob)
+
+
+def write_tar_gz(path, files):
+  buffer = io.BytesIO()
+  with tarfile.open(fileobj=buffer, mode="w") as tar:
+    for name, blob in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(blob)
+      tar.addfile(info, io.BytesIO(blob))
+  path.write_bytes(gzip.compress(buffer.getvalue()))
+  return path
+
+
+def register_subset(monkeypatch, path):
+  """Declares a test-made archive a known subset archive, as cifar10-mini is one."""
+  blob = path.read_bytes()
+  entry = data.ArchiveChecksum(len(blob), hashlib.md5(blob).hexdigest(), "test archive")
+  known = data.SUBSET_ARCHIVES.get(path.name, ())
+  monkeypatch.setitem(data.SUBSET_ARCHIVES, path.name, known + (entry,))
+
+
+def c10_binary_files(sample_batches):
+  return {f"cifar-10-batches-bin/{name}.bin": binary_file(rows, labels)
+          for name, (rows, labels) in sample_batches.items()}
+
+
+def c10_python_dir(tmp_path):
+  with tarfile.open(SAMPLE_ARCHIVE) as tar:
+    tar.extractall(tmp_path, filter="data")
+  return tmp_path / "cifar-10-batches-py"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: the sample, both formats, packed and extracted, CIFAR-10 and CIFAR-100.
+
+
+def test_sample_matches_hand_decoding(reference, sample_batches):
+  got = data.load_cifar("cifar10", "sample")
+  chex.assert_shape(got.train_images, (1000, 32, 32, 3))
+  chex.assert_shape(got.test_images, (200, 32, 32, 3))
+  chex.assert_type([got.train_images, got.test_images], np.uint8)
+  chex.assert_type([got.train_labels, got.test_labels], np.int32)
+  assert_same_arrays(got, reference)
+  np.testing.assert_array_equal(np.bincount(got.train_labels), [100] * 10)
+  np.testing.assert_array_equal(np.bincount(got.test_labels), [20] * 10)
+  assert "sample" in got.source and "1000 train / 200 test" in got.source
+  # One pixel by hand: image 3 of test_batch, row 5, column 7, blue.
+  rows, _ = sample_batches["test_batch"]
+  assert got.test_images[3, 5, 7, 2] == rows[3, 2 * 1024 + 5 * 32 + 7]
+  assert data.load_cifar("cifar10", data.SAMPLE_DIR).source == got.source
+
+
+@pytest.mark.parametrize("layout", ["python-tar.gz", "python-dir", "binary-tar.gz", "binary-dir"])
+def test_cifar10_formats_agree(layout, tmp_path, monkeypatch, reference, sample_batches):
+  if layout == "python-tar.gz":
+    path = SAMPLE_ARCHIVE
+  elif layout == "python-dir":
+    path = c10_python_dir(tmp_path)
+  elif layout == "binary-dir":
+    write_tree(tmp_path, c10_binary_files(sample_batches))
+    path = tmp_path  # found inside the parent directory
+  else:
+    path = write_tar_gz(tmp_path / "cifar-10-binary.tar.gz", c10_binary_files(sample_batches))
+    register_subset(monkeypatch, path)
+  assert_same_arrays(data.load_cifar("cifar10", path, allow_subset=True), reference)
+  with pytest.raises(data.DataError, match="allow-subset"):
+    data.load_cifar("cifar10", path)
+
+
+@needs_mini
+def test_mini_archives_need_the_subset_path(tmp_path):
+  python = data.load_cifar("cifar10", MINI_DIR / "cifar-10-python.tar.gz", allow_subset=True)
+  binary = data.load_cifar("cifar10", MINI_DIR / "cifar-10-binary.tar.gz", allow_subset=True)
+  assert_same_arrays(binary, python)
+  assert (len(python.train_labels), len(python.test_labels)) == (4085, 817)
+  assert "cifar10-mini" in python.source and "MD5 verified" in python.source
+  # The first binary record of data_batch_1, decoded by hand.
+  with tarfile.open(MINI_DIR / "cifar-10-binary.tar.gz") as tar:
+    record = tar.extractfile("cifar-10-batches-bin/data_batch_1.bin").read(3073)
+  assert python.train_labels[0] == record[0]
+  for r, c, ch in [(0, 0, 0), (31, 31, 2), (10, 20, 1)]:
+    assert python.train_images[0, r, c, ch] == record[1 + ch * 1024 + r * 32 + c]
+  for name in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz"):
+    with pytest.raises(data.DataError, match=f"{name} is the cifar10-mini subset.*--allow-subset"):
+      data.load_cifar("cifar10", MINI_DIR / name)
+  # Extracted, they are the same arrays, again only with allow_subset.
+  for name in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz"):
+    with tarfile.open(MINI_DIR / name) as tar:
+      tar.extractall(tmp_path, filter="data")
+  for directory in ("cifar-10-batches-py", "cifar-10-batches-bin"):
+    assert_same_arrays(data.load_cifar("cifar10", tmp_path / directory, allow_subset=True), python)
+    with pytest.raises(data.DataError, match="4085 train / 817 test images, but the official"):
+      data.load_cifar("cifar10", tmp_path / directory)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("binary", [False, True])
+def test_cifar100_layout(binary, packed, tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  splits = {}
+  for split, n in (("train", 7), ("test", 3)):
+    fine = rng.integers(0, 100, n)
+    fine[0] = 99
+    splits[split] = (rng.integers(0, 256, (n, 3072), dtype=np.uint8), fine, fine // 5)
+  if binary:
+    root = "cifar-100-binary"
+    files = {f"{root}/{s}.bin": binary_file(rows, coarse, fine)
+             for s, (rows, fine, coarse) in splits.items()}
+    files[f"{root}/fine_label_names.txt"] = b"apple\n"
+  else:
+    root = "cifar-100-python"
+    files = {f"{root}/{s}": pickle.dumps(  # str keys, as a Python 3 user would write them
+        {"filenames": [f"{i}.png" for i in range(len(rows))], "batch_label": s,
+         "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist(), "data": rows},
+        protocol=2) for s, (rows, fine, coarse) in splits.items()}
+    files[f"{root}/meta"] = pickle.dumps({"fine_label_names": ["apple"]}, protocol=2)
+  if packed:
+    path = write_tar_gz(tmp_path / f"{root}.tar.gz", files)
+    register_subset(monkeypatch, path)
+  else:
+    write_tree(tmp_path, files)
+    path = tmp_path / root
+
+  got = data.load_cifar("cifar100", path, allow_subset=True)
+  want = data.CifarData(hand_decode(splits["train"][0]), splits["train"][1],
+                        hand_decode(splits["test"][0]), splits["test"][1], 100, "")
+  assert_same_arrays(got, want)
+  assert got.train_labels.max() == 99  # fine labels, not the 20 coarse ones
+  with pytest.raises(data.DataError, match="allow-subset"):
+    data.load_cifar("cifar100", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rejections.
+
+
+@pytest.mark.parametrize("allow_subset", [False, True])
+def test_official_name_wrong_size_is_rejected(allow_subset, tmp_path):
+  path = tmp_path / "cifar-10-python.tar.gz"
+  path.write_bytes(np.random.default_rng(0).bytes(1000))
+  msg = f"{path}: 1,000 bytes, expected 170,498,071 .*truncated, corrupted or not a CIFAR archive"
+  with pytest.raises(data.DataError, match=msg):
+    data.load_cifar("cifar10", path, allow_subset=allow_subset)
+
+
+def test_official_size_wrong_md5_is_rejected(tmp_path):
+  path = tmp_path / "cifar-100-binary.tar.gz"
+  with open(path, "wb") as f:  # sparse: the official size, all zeros
+    f.truncate(data.OFFICIAL_ARCHIVES[path.name].size)
+  with pytest.raises(data.DataError, match=f"{path}: MD5 [0-9a-f]{{32}}, expected "
+                     "03b5dce01913d631647c71ecec9e9cb8; the file is corrupted"):
+    data.load_cifar("cifar100", tmp_path)
+
+
+def test_truncated_archive_is_rejected(tmp_path, monkeypatch):
+  path = tmp_path / "cifar-10-python.tar.gz"
+  path.write_bytes(SAMPLE_ARCHIVE.read_bytes()[:-5000])
+  with pytest.raises(data.DataError, match="truncated"):
+    data.load_cifar("cifar10", path, allow_subset=True)
+  # Even with matching checksums, a cut stream fails cleanly inside tarfile/gzip.
+  register_subset(monkeypatch, path)
+  with pytest.raises(data.DataError, match=f"{path}: not a readable .tar.gz archive"):
+    data.load_cifar("cifar10", path, allow_subset=True)
+
+
+def test_foreign_pickle_cannot_run_code(tmp_path):
+  marker = tmp_path / "pwned"
+
+  class Exploit:
+    def __reduce__(self):
+      return (pathlib.Path.touch, (marker,))
+
+  directory = c10_python_dir(tmp_path)
+  (directory / "data_batch_2").write_bytes(pickle.dumps(Exploit(), protocol=2))
+  with pytest.raises(data.DataError, match="data_batch_2: not a CIFAR batch pickle.*refusing"):
+    data.load_cifar("cifar10", directory, allow_subset=True)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("name, blob, match", [
+    ("data_batch_1", b"\x80\x02 random bytes", "not a CIFAR batch pickle"),
+    ("data_batch_1", pickle.dumps([1, 2, 3]), "the pickle holds a list, not a CIFAR batch dict"),
+    ("data_batch_3", pickle.dumps({b"labels": [1]}), r"the batch has no \['data'\]"),
+    ("test_batch", pickle.dumps({"labels": [1], "data": np.zeros((1, 3072), np.float32)}),
+     r"'data' is float32 \(1, 3072\), expected a uint8 array"),
+    ("test_batch", pickle.dumps({"labels": [1, 2], "data": np.zeros((1, 3072), np.uint8)}),
+     "'labels' has shape"),
+    ("test_batch", pickle.dumps({"labels": [10], "data": np.zeros((1, 3072), np.uint8)}),
+     "labels span 10..10, outside 0..9"),
+])
+def test_foreign_python_batch_is_rejected(name, blob, match, tmp_path):
+  directory = c10_python_dir(tmp_path)
+  (directory / name).write_bytes(blob)
+  with pytest.raises(data.DataError, match=f"{directory / name}: {match}"):
+    data.load_cifar("cifar10", directory, allow_subset=True)
+
+
+def test_foreign_binary_batch_is_rejected(tmp_path, sample_batches):
+  write_tree(tmp_path, c10_binary_files(sample_batches))
+  path = tmp_path / "cifar-10-batches-bin" / "data_batch_4.bin"
+  path.write_bytes(path.read_bytes()[:-1])
+  with pytest.raises(data.DataError, match=f"{path}: 614599 bytes is not a whole number of "
+                     "3073-byte records"):
+    data.load_cifar("cifar10", tmp_path, allow_subset=True)
+  path.unlink()
+  with pytest.raises(data.DataError, match=f"{path}: cannot read"):
+    data.load_cifar("cifar10", tmp_path, allow_subset=True)
+
+
+def test_bad_requests(tmp_path):
+  with pytest.raises(data.DataError, match="unknown dataset 'mnist'"):
+    data.load_cifar("mnist", "sample")
+  with pytest.raises(data.DataError, match="CIFAR-10 only"):
+    data.load_cifar("cifar100", "sample")
+  with pytest.raises(data.DataError, match="no such file or directory"):
+    data.load_cifar("cifar10", tmp_path / "nowhere")
+  with pytest.raises(data.DataError, match="no cifar10 data found; expected one of "
+                     "cifar-10-python.tar.gz"):
+    data.load_cifar("cifar10", tmp_path)
+  # The shipped archive by its path is a subset archive like any other.
+  with pytest.raises(data.DataError, match="optax_bm sample.*allow-subset"):
+    data.load_cifar("cifar10", SAMPLE_ARCHIVE)
+
+
+# ------------------------------------------------------------------------------------------------
+# The tfds path: fails within seconds, naming the alternatives.
+
+
+def fake_tfds(load):
+  module = types.ModuleType("tensorflow_datasets")
+  module.__spec__ = importlib.machinery.ModuleSpec("tensorflow_datasets", None)
+  module.load, module.as_numpy = load, lambda tree: tree
+  return module
+
+
+def must_not_load(*args, **kwargs):
+  raise AssertionError("tfds.load must not be called")
+
+
+def assert_names_alternatives(message):
+  assert "--data-dir DIR" in message and "--data-dir sample" in message
+  assert "https://www.cs.toronto.edu/~kriz/cifar.html" in message
+
+
+def test_tfds_missing_fails_fast(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import and find_spec: absent
+  start = time.perf_counter()
+  with pytest.raises(data.DataError, match=r"optax_bm\[tfds\]") as error:
+    data.load_cifar("cifar10", probe=lambda: pytest.fail("no probe without tfds"))
+  assert time.perf_counter() - start < 2
+  assert_names_alternatives(str(error.value))
+
+
+def test_tfds_unreachable_fails_fast(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(must_not_load))
+  start = time.perf_counter()
+  with pytest.raises(data.DataError, match="www.cs.toronto.edu is unreachable "
+                     r"\(mocked: no route\)") as error:
+    data.load_cifar("cifar100", probe=lambda: "mocked: no route")
+  assert time.perf_counter() - start < 2
+  assert_names_alternatives(str(error.value))
+
+
+def test_tfds_results_and_failures(monkeypatch):
+  images = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
+  labels = np.array([3, 97], np.int64)
+
+  def load(name, split, batch_size, as_supervised):
+    assert (name, split, batch_size, as_supervised) == ("cifar100", ["train", "test"], -1, True)
+    return (images, labels), (images[:1], labels[:1])
+
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(load))
+  got = data.load_cifar("cifar100", probe=lambda: None)
+  chex.assert_type([got.train_labels, got.test_labels], np.int32)
+  np.testing.assert_array_equal(got.train_images, images)
+  assert got.num_classes == 100 and "tensorflow-datasets" in got.source
+
+  def broken(*args, **kwargs):
+    raise RuntimeError("download interrupted")
+
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(broken))
+  with pytest.raises(data.DataError, match="failed to load cifar10: download interrupted"):
+    data.load_cifar("cifar10", probe=lambda: None)
+
+
+def test_probe_on_loopback():
+  with socket.create_server(("127.0.0.1", 0)) as server:
+    port = server.getsockname()[1]
+    assert data.probe_cifar_host("127.0.0.1", port, timeout=2) is None
+  # Nothing listens there any more.
+  assert "ConnectionRefusedError" in data.probe_cifar_host("127.0.0.1", port, timeout=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# On-device pipeline.
+
+
+def test_normalize(reference):
+  mean, std = (np.array(s) for s in data.CHANNEL_STATS["cifar10"])
+  pixel = jnp.asarray(np.round(255 * (mean + std)).astype(np.uint8)).reshape(1, 1, 1, 3)
+  np.testing.assert_allclose(data.normalize(pixel), np.ones((1, 1, 1, 3)), atol=0.01)
+  out = jax.jit(data.normalize, static_argnums=(1, 2))(
+      jnp.asarray(reference.train_images), "cifar10", jnp.bfloat16)
+  chex.assert_type(out, jnp.bfloat16)
+  chex.assert_shape(out, reference.train_images.shape)
+  out = np.asarray(out, np.float32)  # real images: roughly standardized per channel
+  np.testing.assert_allclose(out.mean((0, 1, 2)), 0, atol=0.1)
+  np.testing.assert_allclose(out.std((0, 1, 2)), 1, atol=0.1)
+
+
+def test_augment_outputs_are_shifted_flipped_windows():
+  # Every pixel value is distinct and nonzero, so a window of the padded image is identifiable.
+  image = 1 + jnp.arange(32 * 32 * 3, dtype=jnp.float32).reshape(32, 32, 3)
+  batch = jnp.broadcast_to(image, (64, 32, 32, 3))
+  out = np.asarray(jax.jit(data.augment)(jax.random.key(0), batch))
+  padded = np.pad(np.asarray(image), ((4, 4), (4, 4), (0, 0)))
+  seen = set()
+  for crop in out:
+    matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+               if np.array_equal(crop, (lambda w: w[:, ::-1] if flip else w)(
+                   padded[dy:dy + 32, dx:dx + 32]))]
+    assert len(matches) == 1, matches
+    seen.add(matches[0])
+  assert {flip for *_, flip in seen} == {False, True}
+  assert len({(dy, dx) for dy, dx, _ in seen}) > 20
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32, jnp.bfloat16])
+def test_augment_keeps_shape_and_dtype(dtype):
+  images = jnp.ones((5, 32, 32, 3), dtype)
+  out = jax.jit(data.augment)(jax.random.key(1), images)
+  chex.assert_shape(out, images.shape)
+  chex.assert_type(out, dtype)
+
+
+def test_augment_keyed_by_seed_and_epoch(reference):
+  images = jnp.asarray(reference.train_images[:32])
+
+  def run(seed, epoch, step=0):
+    _, augment_key = data.epoch_keys(seed, epoch)
+    return np.asarray(data.augment(jax.random.fold_in(augment_key, step), images))
+
+  np.testing.assert_array_equal(run(0, 3), run(0, 3))
+  assert not np.array_equal(run(0, 3), run(0, 4))
+  assert not np.array_equal(run(0, 3), run(1, 3))
+  assert not np.array_equal(run(0, 3, step=0), run(0, 3, step=1))
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs the 4 CPU devices of conftest.py")
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+def test_augment_on_a_batch_sharded_dataset(axis_type, reference):
+  mesh = jax.make_mesh((4,), ("batch",), axis_types=(axis_type,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+  images = jnp.asarray(reference.train_images[:64])
+  key = jax.random.key(7)
+  sharded = jax.jit(data.augment)(key, jax.device_put(images, sharding))
+  assert sharded.sharding.spec[0] == "batch"
+  np.testing.assert_array_equal(sharded, jax.jit(data.augment)(key, images))
+
+
+def test_epoch_permutation_and_batches():
+  perm = data.epoch_permutation(0, 2, 10)
+  np.testing.assert_array_equal(np.sort(perm), np.arange(10))
+  np.testing.assert_array_equal(perm, data.epoch_permutation(0, 2, 10))
+  np.testing.assert_array_equal(perm, jax.jit(data.epoch_permutation, static_argnums=2)(0, 2, 10))
+  assert not np.array_equal(perm, data.epoch_permutation(0, 3, 10))
+  assert not np.array_equal(perm, data.epoch_permutation(1, 2, 10))
+
+  idx = jax.jit(data.batch_indices, static_argnums=1)(perm, 3)
+  chex.assert_shape(idx, (3, 3))  # 10 // 3 steps; the last example is dropped
+  np.testing.assert_array_equal(idx.ravel(), perm[:9])
+  with pytest.raises(ValueError, match="batch size 11 exceeds the 10 examples"):
+    data.batch_indices(perm, 11)

@@ -1,0 +1,502 @@
+"""CIFAR-10/100 for the trainer: three ways to load it, and the on-device input pipeline.
+
+Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``int32`` labels):
+
+1. ``load_cifar(dataset)`` (``data_dir=None``): tensorflow-datasets downloads and prepares the
+   set. Needs the optional extra ``optax_bm[tfds]`` and internet access. Before handing over to
+   tfds, :func:`probe_cifar_host` tries ``www.cs.toronto.edu:443`` (where the CIFAR archives are
+   hosted) with a 3 s limit, so a machine without tfds or without network gets a
+   :class:`DataError` naming the alternatives within seconds, not a download that hangs.
+2. ``load_cifar(dataset, DIR)``: the official archives of
+   https://www.cs.toronto.edu/~kriz/cifar.html that the user already has, read with NumPy and
+   the standard library. ``DIR`` may be an archive (``cifar-10-python.tar.gz``,
+   ``cifar-10-binary.tar.gz``, ``cifar-100-python.tar.gz``, ``cifar-100-binary.tar.gz``), an
+   extracted directory (``cifar-10-batches-py``, ``cifar-10-batches-bin``, ``cifar-100-python``,
+   ``cifar-100-binary``), or a directory holding one of these. In a directory the first present
+   is read, in the order: python archive, binary archive, python directory, binary directory; a
+   bad first candidate is an error, never a silent fallback to the next.
+3. ``load_cifar("cifar10", "sample")`` (the string ``"sample"``, or :data:`SAMPLE_DIR`): the
+   small real CIFAR-10 sample shipped in ``train/sample/`` (1000 train / 200 test images, see its
+   README), an official-format archive read by the same code as 2.
+
+What is checked (ways 2 and 3); a check is never relaxed, ``allow_subset`` only widens what is
+accepted:
+
+* An archive is identified by its byte size and MD5. A full archive must match the published
+  values in :data:`OFFICIAL_ARCHIVES`. The archives in :data:`SUBSET_ARCHIVES` (the 4085-image
+  cifar10-mini archives and the shipped sample) are accepted only with ``allow_subset=True``
+  (CLI ``--allow-subset``; ``"sample"`` implies it). Any other file under an official name,
+  truncated, corrupted or foreign, is rejected, with or without ``allow_subset``; to train on a
+  custom subset, extract it and pass the directory.
+* An extracted directory has no published checksum, so every file's structure is validated
+  (binary: a whole number of 3073-byte (CIFAR-10) or 3074-byte (CIFAR-100) records; pickle: a
+  dict with a ``(n, 3072)`` ``uint8`` ``data`` array and ``n`` integer labels) as well as the
+  label range, and the totals must be the official 50000 train / 10000 test images unless
+  ``allow_subset=True``. :attr:`CifarData.source` reports the file and the counts.
+* Pickles are read by an unpickler that admits NumPy arrays and nothing else, so a foreign
+  pickle cannot run code.
+
+CIFAR-100 uses the fine labels (100 classes).
+
+Errors and exit contract: every problem with the data or its source raises :class:`DataError`
+(a ``ValueError``) whose message names the file or path and what is wrong (for way 1, also the
+alternatives). The CLI (``train/cifar.py``) catches ``DataError``, prints ``error: <message>``
+to stderr and exits with status 1, without a traceback; any other exception is a bug and
+propagates.
+
+Input pipeline (pure JAX, jit-able, no host round trips; the trainer holds the whole dataset on
+the device, possibly sharded along the batch axis)::
+
+  shuffle_key, augment_key = epoch_keys(seed, epoch)
+  idx = batch_indices(jax.random.permutation(shuffle_key, n), batch_size)  # [steps, batch]
+
+  def step(state, xs):
+    i, batch_idx = xs
+    images = augment(jax.random.fold_in(augment_key, i), train_images[batch_idx])
+    images = normalize(images, "cifar10", jnp.bfloat16)
+    ...
+
+  state, _ = jax.lax.scan(step, state, (jnp.arange(idx.shape[0]), idx))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import pathlib
+import pickle
+import socket
+import tarfile
+import threading
+import zlib
+from typing import Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+IntLike = Union[int, jax.Array]
+
+SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
+CIFAR_HOST = "www.cs.toronto.edu"
+OFFICIAL_COUNTS = (50_000, 10_000)  # train, test images; the same for CIFAR-10 and CIFAR-100.
+
+
+class DataError(ValueError):
+  """The data, or the way it was asked for, cannot be used; the message says why and where."""
+
+
+class CifarData(NamedTuple):
+  """A CIFAR train/test split held in host memory."""
+
+  train_images: np.ndarray  # uint8 [N, 32, 32, 3], NHWC
+  train_labels: np.ndarray  # int32 [N]
+  test_images: np.ndarray  # uint8 [M, 32, 32, 3]
+  test_labels: np.ndarray  # int32 [M]
+  num_classes: int
+  source: str  # where the data came from and how it was checked, for logs
+
+
+class ArchiveChecksum(NamedTuple):
+  size: int  # bytes
+  md5: str
+  description: str
+
+
+# MD5s as published by the dataset authors on https://www.cs.toronto.edu/~kriz/cifar.html (the
+# same as torchvision.datasets.CIFAR10/CIFAR100 use); sizes are the Content-Length those
+# servers send, as recorded by torchvision's and Keras's download logs.
+OFFICIAL_ARCHIVES: dict[str, ArchiveChecksum] = {
+    "cifar-10-python.tar.gz": ArchiveChecksum(
+        170_498_071, "c58f30108f718f92721af3b95e74349a", "official CIFAR-10 archive"),
+    "cifar-10-binary.tar.gz": ArchiveChecksum(
+        170_052_171, "c32a1d4ab5d03f1284b67883e8d87530", "official CIFAR-10 archive"),
+    "cifar-100-python.tar.gz": ArchiveChecksum(
+        169_001_437, "eb9058c3a382ffc7106e4002c42a8d85", "official CIFAR-100 archive"),
+    "cifar-100-binary.tar.gz": ArchiveChecksum(
+        168_513_733, "03b5dce01913d631647c71ecec9e9cb8", "official CIFAR-100 archive"),
+}
+
+_MINI = "cifar10-mini subset (first 817 images of every official batch: 4085 train / 817 test)"
+_SAMPLE = ("optax_bm sample (1000 train / 200 test images cut from cifar10-mini by "
+           "train/make_sample.py)")
+
+# Real CIFAR archives that are not the full set: accepted only with allow_subset=True.
+SUBSET_ARCHIVES: dict[str, tuple[ArchiveChecksum, ...]] = {
+    "cifar-10-python.tar.gz": (
+        ArchiveChecksum(15_077_220, "6c29b5071bf2644ee70152d7f83c4c4f", _MINI),
+        ArchiveChecksum(3_679_674, "114bc608fcb0ac1543bb24debd4adf11", _SAMPLE),
+    ),
+    "cifar-10-binary.tar.gz": (
+        ArchiveChecksum(13_864_748, "8e4917bb9b4bc214b486dca9be61f410", _MINI),
+    ),
+}
+
+_ALTERNATIVES = (
+    "Alternatives: --data-dir DIR with the official archives from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html (python or binary version, .tar.gz or "
+    "extracted), or --data-dir sample for the small CIFAR-10 sample shipped with optax_bm "
+    "(in Python: load_cifar(dataset, data_dir=...)).")
+
+
+class _Format(NamedTuple):
+  archive: str  # official archive name
+  directory: str  # its top-level directory, also the name of the extracted directory
+  train: tuple[str, ...]  # batch files, in order
+  test: tuple[str, ...]
+  binary: bool
+
+
+class _Spec(NamedTuple):
+  num_classes: int
+  label_key: str  # labels in a python-version batch
+  label_bytes: int  # labels per binary record; the last one is the class
+  formats: tuple[_Format, _Format]  # python, binary: the lookup order
+
+
+_C10_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_SPECS = {
+    "cifar10": _Spec(10, "labels", 1, (
+        _Format("cifar-10-python.tar.gz", "cifar-10-batches-py", _C10_BATCHES,
+                ("test_batch",), binary=False),
+        _Format("cifar-10-binary.tar.gz", "cifar-10-batches-bin",
+                tuple(f"{b}.bin" for b in _C10_BATCHES), ("test_batch.bin",), binary=True),
+    )),
+    # Binary CIFAR-100 records hold the coarse (20-class) label, then the fine one.
+    "cifar100": _Spec(100, "fine_labels", 2, (
+        _Format("cifar-100-python.tar.gz", "cifar-100-python", ("train",), ("test",),
+                binary=False),
+        _Format("cifar-100-binary.tar.gz", "cifar-100-binary", ("train.bin",), ("test.bin",),
+                binary=True),
+    )),
+}
+
+
+def probe_cifar_host(
+    host: str = CIFAR_HOST, port: int = 443, timeout: float = 3.0
+) -> Optional[str]:
+  """Tries a TCP connection to ``host:port``; returns ``None`` if it opens, else the reason.
+
+  The connection runs in a daemon thread joined with ``timeout``, which also bounds a DNS
+  lookup that hangs (``socket`` timeouts do not cover name resolution).
+  """
+  outcome: list[Optional[str]] = []
+
+  def connect():
+    try:
+      socket.create_connection((host, port), timeout=timeout).close()
+      outcome.append(None)
+    except OSError as e:
+      outcome.append(f"{type(e).__name__}: {e}")
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  if not outcome:
+    return f"no answer from {host}:{port} within {timeout:g} s"
+  return outcome[0]
+
+
+def load_cifar(
+    dataset: str,
+    data_dir: Optional[PathLike] = None,
+    *,
+    allow_subset: bool = False,
+    probe: Callable[[], Optional[str]] = probe_cifar_host,
+) -> CifarData:
+  """Loads CIFAR-10 or CIFAR-100 into host memory (see the module docstring for the sources).
+
+  Args:
+    dataset: ``"cifar10"`` or ``"cifar100"``.
+    data_dir: ``None`` for tensorflow-datasets; ``"sample"`` (or :data:`SAMPLE_DIR`) for the
+      shipped CIFAR-10 sample (the string always means it: write ``./sample`` for a directory
+      of that name); else an official archive, an extracted archive directory, or a directory
+      holding one of them.
+    allow_subset: also accept the known subset archives of :data:`SUBSET_ARCHIVES` and
+      extracted directories with fewer (or more) images than the official 50000 / 10000.
+      Implied by ``"sample"``.
+    probe: reachability check run before a tfds download; returns ``None`` or why the host
+      cannot be reached. Replaceable for tests.
+
+  Returns:
+    The train and test splits, ``num_classes`` and a description of the source.
+
+  Raises:
+    DataError: unknown dataset, data not found, not installed, unreachable, or failing a check.
+  """
+  if dataset not in _SPECS:
+    raise DataError(f"unknown dataset {dataset!r}: expected one of {sorted(_SPECS)}")
+  if data_dir is None:
+    return _load_tfds(dataset, probe)
+  path = SAMPLE_DIR if os.fspath(data_dir) == "sample" else pathlib.Path(data_dir).expanduser()
+  if path.resolve() == SAMPLE_DIR:
+    if dataset != "cifar10":
+      raise DataError(f"the shipped sample ({SAMPLE_DIR}) is CIFAR-10 only, not {dataset}")
+    allow_subset = True
+
+  spec = _SPECS[dataset]
+  fmt, path = _locate(path, dataset, spec)
+  if path.is_dir():
+    files = {name: _read_file(path / name) for name in fmt.train + fmt.test}
+    checked, separator = "extracted directory: structure and labels checked, no checksum", "/"
+  else:
+    checked, separator = _verify_archive(path, fmt, allow_subset) + ", MD5 verified", ":"
+    files = _read_archive(path, fmt)
+
+  def split(names):
+    parts = [_parse(files[n], f"{path}{separator}{n}", spec, fmt) for n in names]
+    images = np.concatenate([images for images, _ in parts])
+    labels = np.concatenate([labels for _, labels in parts]).astype(np.int32)
+    # Rows hold 1024 red, then green, then blue values, each plane row-major.
+    return np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
+
+  train_images, train_labels = split(fmt.train)
+  test_images, test_labels = split(fmt.test)
+  counts = (len(train_labels), len(test_labels))
+  if counts != OFFICIAL_COUNTS and not allow_subset:
+    raise DataError(
+        f"{path}: {counts[0]} train / {counts[1]} test images, but the official {dataset} has "
+        f"{OFFICIAL_COUNTS[0]} / {OFFICIAL_COUNTS[1]}; pass allow_subset=True "
+        "(--allow-subset) to train on a subset")
+  return CifarData(
+      train_images, train_labels, test_images, test_labels, spec.num_classes,
+      source=f"{dataset} from {path} ({checked}): {counts[0]} train / {counts[1]} test images")
+
+
+def _load_tfds(dataset: str, probe: Callable[[], Optional[str]]) -> CifarData:
+  # find_spec, not import: importing tfds (and TensorFlow) alone can take many seconds.
+  if importlib.util.find_spec("tensorflow_datasets") is None:
+    raise DataError(
+        f"loading {dataset} without a data directory needs tensorflow-datasets "
+        f"(pip install 'optax_bm[tfds]'), which is not installed. {_ALTERNATIVES}")
+  problem = probe()
+  if problem is not None:
+    raise DataError(
+        f"cannot download {dataset} with tensorflow-datasets: {CIFAR_HOST} is unreachable "
+        f"({problem}). {_ALTERNATIVES}")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  try:
+    train, test = tfds.as_numpy(tfds.load(
+        dataset, split=["train", "test"], batch_size=-1, as_supervised=True))
+  except Exception as e:  # tfds reports download and preparation failures with many types.
+    raise DataError(f"tensorflow-datasets failed to load {dataset}: {e}. {_ALTERNATIVES}") from e
+  (train_images, train_labels), (test_images, test_labels) = train, test
+  return CifarData(
+      np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32),
+      np.asarray(test_images, np.uint8), np.asarray(test_labels, np.int32),
+      _SPECS[dataset].num_classes,
+      source=f"{dataset} from tensorflow-datasets: {len(train_labels)} train / "
+      f"{len(test_labels)} test images")
+
+
+def _locate(path: pathlib.Path, dataset: str, spec: _Spec) -> tuple[_Format, pathlib.Path]:
+  """Finds the archive or extracted directory to read: ``path`` itself, or one inside it."""
+  if not path.exists():
+    raise DataError(f"{path}: no such file or directory")
+  for fmt in spec.formats:
+    if path.name == fmt.archive and path.is_file():
+      return fmt, path
+    if path.name == fmt.directory and path.is_dir():
+      return fmt, path
+  candidates = [(fmt, fmt.archive) for fmt in spec.formats]
+  candidates += [(fmt, fmt.directory) for fmt in spec.formats]
+  if path.is_dir():
+    for fmt, name in candidates:
+      if (path / name).exists():
+        return fmt, path / name
+  raise DataError(
+      f"{path}: no {dataset} data found; expected one of "
+      f"{', '.join(name for _, name in candidates)} (from "
+      f"https://www.cs.toronto.edu/~kriz/cifar.html), or the path of one of them")
+
+
+def _md5(path: pathlib.Path) -> str:
+  digest = hashlib.md5()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _verify_archive(path: pathlib.Path, fmt: _Format, allow_subset: bool) -> str:
+  """Identifies the archive by size and MD5; returns its description."""
+  if not path.is_file():
+    raise DataError(f"{path}: not a regular file")
+  official = OFFICIAL_ARCHIVES[fmt.archive]
+  known = (official, *SUBSET_ARCHIVES.get(fmt.archive, ()))
+  size = path.stat().st_size
+  if not any(size == k.size for k in known):
+    subsets = "".join(f" or {k.size:,} ({k.description})" for k in known[1:])
+    raise DataError(
+        f"{path}: {size:,} bytes, expected {official.size:,} (the {official.description})"
+        f"{subsets}; the file is truncated, corrupted or not a CIFAR archive")
+  md5 = _md5(path)
+  match = next((k for k in known if k.size == size and k.md5 == md5), None)
+  if match is None:
+    expected = " or ".join(k.md5 for k in known if k.size == size)
+    raise DataError(f"{path}: MD5 {md5}, expected {expected}; the file is corrupted")
+  if match is not official and not allow_subset:
+    raise DataError(
+        f"{path} is the {match.description}, not the full official archive; pass "
+        "allow_subset=True (--allow-subset) to train on it")
+  return match.description
+
+
+def _read_file(path: pathlib.Path) -> bytes:
+  try:
+    return path.read_bytes()
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+def _read_archive(path: pathlib.Path, fmt: _Format) -> dict[str, bytes]:
+  """Reads the batch files out of a .tar.gz in one streaming pass, without extracting."""
+  wanted = {f"{fmt.directory}/{name}": name for name in fmt.train + fmt.test}
+  files = {}
+  try:
+    # "r|gz" streams: random access into a gzip stream would decompress it again per member.
+    with tarfile.open(path, "r|gz") as tar:
+      for member in tar:
+        if member.name in wanted and member.isfile():
+          files[wanted[member.name]] = tar.extractfile(member).read()
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DataError(f"{path}: not a readable .tar.gz archive ({e})") from e
+  missing = [member for member, name in wanted.items() if name not in files]
+  if missing:
+    raise DataError(f"{path}: missing {', '.join(missing)}")
+  return files
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+  """Loads plain data and NumPy arrays only: a CIFAR batch needs no other global."""
+
+  _ALLOWED = {
+      ("numpy.core.multiarray", "_reconstruct"),  # pickled by NumPy 1.x (official archives)
+      ("numpy._core.multiarray", "_reconstruct"),  # pickled by NumPy 2.x
+      ("numpy", "ndarray"),
+      ("numpy", "dtype"),
+      ("_codecs", "encode"),  # Python 3 bytes in a protocol-2 pickle
+  }
+
+  def find_class(self, module, name):
+    if (module, name) not in self._ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+    return super().find_class(module, name)
+
+
+def _parse(blob: bytes, where: str, spec: _Spec, fmt: _Format) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes one batch file into ``uint8 [n, 3072]`` pixel rows and ``[n]`` labels."""
+  if fmt.binary:
+    record = spec.label_bytes + 3072
+    if not blob or len(blob) % record:
+      raise DataError(
+          f"{where}: {len(blob)} bytes is not a whole number of {record}-byte records "
+          f"({spec.label_bytes} label byte(s) + 3072 pixel bytes)")
+    rows = np.frombuffer(blob, np.uint8).reshape(-1, record)
+    data, labels = rows[:, spec.label_bytes:], rows[:, spec.label_bytes - 1]
+  else:
+    try:
+      batch = _ArrayUnpickler(io.BytesIO(blob), encoding="latin1").load()
+    except Exception as e:  # A foreign byte stream can fail in the unpickler in any way.
+      raise DataError(f"{where}: not a CIFAR batch pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict):
+      raise DataError(f"{where}: the pickle holds a {type(batch).__name__}, not a CIFAR batch dict")
+    # Python 2 pickles (the official ones) and Python 3 bytes keys both decode to str here.
+    batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = sorted({"data", spec.label_key} - batch.keys())
+    if missing:
+      raise DataError(f"{where}: the batch has no {missing} (keys: {sorted(map(str, batch))})")
+    data, labels = batch["data"], np.asarray(batch[spec.label_key])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072 and len(data)):
+      shape = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+      raise DataError(f"{where}: 'data' is {shape}, expected a uint8 array of shape (n, 3072)")
+    if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
+      raise DataError(
+          f"{where}: {spec.label_key!r} has shape {labels.shape} and dtype {labels.dtype}, "
+          f"expected {len(data)} integers")
+  if labels.min() < 0 or labels.max() >= spec.num_classes:
+    raise DataError(
+        f"{where}: labels span {labels.min()}..{labels.max()}, outside 0..{spec.num_classes - 1}")
+  return data, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# On-device pipeline.
+
+# Per-channel mean and standard deviation of the training images in [0, 1] (RGB).
+CHANNEL_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+PAD = 4  # pixels of zero padding for the random crops
+
+
+def normalize(images: jax.Array, dataset: str = "cifar10", dtype=jnp.float32) -> jax.Array:
+  """Maps ``uint8`` images to zero mean, unit variance per channel; computed in float32."""
+  mean, std = (np.asarray(s, np.float32) for s in CHANNEL_STATS[dataset])
+  return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
+
+
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Random crop of the 4-pixel zero-padded image and random horizontal flip, per image.
+
+  Apply it to the ``uint8`` images before :func:`normalize` (the standard recipe: padding is
+  black, as in torchvision's ``RandomCrop(32, padding=4)``); on normalized images the padding
+  is the mean color instead.
+
+  Args:
+    key: PRNG key; each image draws its own crop offset (uniform over the 9 × 9 positions) and
+      flip (probability 1/2) from it.
+    images: ``[B, H, W, C]``, any dtype.
+
+  Returns:
+    ``[B, H, W, C]`` of the same dtype.
+  """
+  b, h, w, c = images.shape
+  # Draw the per-image randomness sharded like the images' batch axis: under an explicit mesh,
+  # vmap refuses operands whose mapped axes are sharded differently.
+  sharding = jax.typeof(images).sharding
+  batch_sharded = lambda *rest: sharding.update(spec=jax.sharding.PartitionSpec(
+      sharding.spec[0], *rest))
+  crop_key, flip_key = jax.random.split(key)
+  corners = jax.random.randint(crop_key, (b, 2), 0, 2 * PAD + 1,
+                               out_sharding=batch_sharded(None))
+  flips = jax.random.bernoulli(flip_key, 0.5, (b,), out_sharding=batch_sharded())
+  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  # Crop as one vmapped dynamic_slice (a single gather). Jitted, on the 2-core CPU, for a
+  # 128 x 32 x 32 x 3 uint8 batch: 0.3-0.4 ms, as fast as two take_along_axis gathers
+  # (0.4 ms); one-hot selection matmuls take 1.4 ms and masked sums over the 81 shifts 7-9 ms.
+  crops = jax.vmap(lambda image, yx: jax.lax.dynamic_slice(image, (yx[0], yx[1], 0), (h, w, c)))(
+      padded, corners)
+  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
+
+
+def epoch_keys(seed: IntLike, epoch: IntLike) -> tuple[jax.Array, jax.Array]:
+  """Returns ``(shuffle_key, augment_key)`` for an epoch, a pure function of ``(seed, epoch)``.
+
+  Fold the step into ``augment_key`` for per-step augmentation keys. ``epoch`` may be traced.
+  """
+  shuffle_key, augment_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
+  return shuffle_key, augment_key
+
+
+def epoch_permutation(seed: IntLike, epoch: IntLike, n: int) -> jax.Array:
+  """The order of the ``n`` training examples in ``epoch``: deterministic, new every epoch."""
+  return jax.random.permutation(epoch_keys(seed, epoch)[0], n)
+
+
+def batch_indices(permutation: jax.Array, batch_size: int) -> jax.Array:
+  """Splits a permutation into ``[steps, batch_size]`` indices, ``steps = n // batch_size``.
+
+  The last ``n % batch_size`` examples of the permutation are dropped (a different set every
+  epoch). Row ``i`` indexes the dataset for step ``i``: scan over the rows, or index them.
+  """
+  steps = permutation.shape[0] // batch_size
+  if steps == 0:
+    raise ValueError(f"batch size {batch_size} exceeds the {permutation.shape[0]} examples")
+  return permutation[: steps * batch_size].reshape(steps, batch_size)
