@@ -40,6 +40,25 @@ _PASSTHROUGH = frozenset({
 })
 _BATCH_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                                "argmax", "argmin"})
+# Call-like primitives whose body runs once with the same operands: inlined.
+_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
+                    "custom_vjp_call", "custom_vjp_call_jaxpr", "checkpoint", "remat",
+                    "custom_lin"})
+_KERNEL_PRIMITIVES = frozenset({"conv_general_dilated", "dot_general"})
+
+
+def _sub_jaxprs(eqn):
+  for value in eqn.params.values():
+    for v in (value if isinstance(value, (tuple, list)) else (value,)):
+      if isinstance(v, jex_core.ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, jex_core.Jaxpr):
+        yield v
+
+
+def _contains_kernel_op(jaxpr) -> bool:
+  return any(e.primitive.name in _KERNEL_PRIMITIVES
+             or any(_contains_kernel_op(j) for j in _sub_jaxprs(e)) for e in jaxpr.eqns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,24 +107,32 @@ class _Tracer:
         env[v] = info
     return [self.read(env, v) for v in jaxpr.outvars]
 
-  def _sub_jaxpr(self, eqn):
-    for value in eqn.params.values():
-      if isinstance(value, jex_core.ClosedJaxpr):
-        value = value.jaxpr
-      if isinstance(value, jex_core.Jaxpr) and len(value.invars) == len(eqn.invars):
-        return value
-    return None
+  def _param_names(self, ins):
+    return sorted(self.paths[p] for i in ins for p in i.params)
 
   def eqn(self, eqn, ins):
     name = eqn.primitive.name
-    sub = self._sub_jaxpr(eqn)
-    if sub is not None and len(sub.outvars) == len(eqn.outvars):
-      return self.run(sub, ins)
+    subs = list(_sub_jaxprs(eqn))
+    if name in _CALLS:
+      for sub in subs:
+        if len(sub.invars) == len(eqn.invars) and len(sub.outvars) == len(eqn.outvars):
+          return self.run(sub, ins)
+    if subs and any(i.params for i in ins) and any(_contains_kernel_op(j) for j in subs):
+      raise ValueError(
+          f"optax_bm.annotate: parameters {self._param_names(ins)[:4]} enter a {name!r} "
+          "(control flow) that contains convolutions or matrix products; blocks inside loops "
+          "cannot be annotated automatically: write the spec tree by hand with LayerSpec.")
     kernel = self._kernel_operand(eqn, ins)
     params = frozenset().union(*(i.params for i in ins)) if ins else frozenset()
     levels = frozenset().union(*(i.levels for i in ins)) if ins else frozenset()
     if kernel is not None:
       return [self._kernel(eqn, ins, kernel, params)]
+    if name in _KERNEL_PRIMITIVES and levels and any(i.params and not i.levels for i in ins):
+      raise ValueError(
+          f"optax_bm.annotate: a {name} multiplies the activations by a value computed from "
+          f"parameters {self._param_names([i for i in ins if not i.levels])[:4]} (not one "
+          "parameter leaf up to casts and reshapes, in Flax's layout); write the spec tree "
+          "by hand with LayerSpec.")
     if levels:
       # A parameter meeting activations belongs to their block.
       for i in ins:

@@ -140,3 +140,33 @@ def test_skip_connection_is_not_a_chain():
 def test_not_a_flax_model():
   with pytest.raises(TypeError, match="expected a Flax"):
     optax_bm.annotate(lambda x: x, jnp.zeros((2, 3)))
+
+
+class _StandardizedConv(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    w = self.conv.kernel.value
+    w = (w - w.mean()) / (w.std() + 1e-5)  # weight standardization: the kernel is computed
+    h = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return self.fc(nnx.relu(h).mean(axis=(1, 2)))
+
+
+class _Scanned(nnx.Module):
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (3, 4, 4)))
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, self.w.value)
+    return self.fc(h)
+
+
+def test_kernels_annotate_cannot_see_are_errors_not_silent_misplacements():
+  with pytest.raises(ValueError, match=r"computed from parameters \['conv/kernel'\]"):
+    optax_bm.annotate(_StandardizedConv(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3)))
+  with pytest.raises(ValueError, match=r"\['w'\] enter a 'scan'.*by hand"):
+    optax_bm.annotate(_Scanned(nnx.Rngs(0)), jnp.zeros((2, 4)))
