@@ -1,0 +1,391 @@
+"""Tests of the CIFAR trainer (train/models.py, train/cifar.py, train/table1.py).
+
+Tiny widths throughout; conftest.py gives this process 4 simulated CPU devices. The CLI tests
+run ``train/cifar.py`` in subprocesses on the shipped sample (``--data-dir sample``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from train import cifar, models, table1
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CIFAR_PY = str(REPO / "train" / "cifar.py")
+TINY = ["--width", "0.0625", "--batch-size", "64", "--train-subset", "256", "--test-subset",
+        "64", "--data-dir", "sample", "--no-progress"]
+RESULT_KEYS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for this module's subprocesses (saves ~10 s each)."""
+  _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+  yield
+  _CACHE.clear()
+
+
+def _env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.pop("JAX_COORDINATOR_ADDRESS", None)
+  if "dir" in _CACHE:
+    env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return env
+
+
+def _cli(args, devices: int = 1, **kw) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, CIFAR_PY, *args], cwd=REPO, env=_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _results(workdir) -> list:
+  """metrics.jsonl without the timing fields."""
+  return [{k: h[k] for k in RESULT_KEYS} for h in cifar.read_metrics(str(workdir))]
+
+
+def _batch(n=32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, n), jnp.int32)
+  return x, y
+
+
+def _out_shape(model, x):
+  """The model's output (shape, dtype), traced once instead of run op by op."""
+  graphdef, state = nnx.split(model)
+  return jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, x)
+
+
+def _setup(optimizer, width=1 / 16, **kw):
+  config = cifar.Config(optimizer=optimizer, width=width, epochs=1, **kw).resolved()
+  return cifar.create_train_state(config, 10, steps_per_epoch=100)
+
+
+# ----------------------------------------------------------------------------------------
+# Models
+
+
+@pytest.mark.parametrize("name,convs", [("vgg11", 8), ("vgg13", 10), ("vgg16", 13),
+                                        ("vgg19", 16)])
+def test_vgg_structure(name, convs):
+  model = nnx.eval_shape(lambda: models.vgg(name, 100, width=1 / 16, rngs=nnx.Rngs(0)))
+  assert len(model.blocks) == convs
+  assert model.classifier.in_features == 32  # 512 / 16, 1×1 final map
+  params = nnx.state(model, nnx.Param)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  out = _out_shape(model, jnp.zeros((2, 32, 32, 3)))
+  assert out.shape == (2, 100) and out.dtype == jnp.float32
+
+
+def test_vgg_width_and_bf16():
+  assert models.scaled_channels(64, 1 / 128) == 1 and models.scaled_channels(64, 0.3) == 19
+  model = nnx.eval_shape(
+      lambda: models.vgg("vgg11", 10, width=1 / 16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert _out_shape(model, jnp.zeros((2, 32, 32, 3))).dtype == jnp.float32  # fp32 logits
+  graphdef, state = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda st, x: nnx.merge(graphdef, st)(x))(state,
+                                                                  jnp.zeros((2, 32, 32, 3)))
+  convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in convs)
+  with pytest.raises(ValueError, match="unknown model"):
+    models.vgg("vgg12", 10, rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------------------
+# Steps
+
+
+@pytest.mark.parametrize("optimizer", cifar.OPTIMIZERS)
+def test_steps_lower_loss_on_fixed_batch(optimizer):
+  setup, state = _setup(optimizer)
+  x, y = _batch()
+  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  losses = []
+  for _ in range(6):
+    state, m = step(state)
+    losses.append(float(m["loss"] / m["count"]))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state["step"]) == 6
+
+
+def test_eval_uses_running_statistics():
+  setup, state = _setup("sgd")
+  x, y = _batch()
+  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  for _ in range(3):
+    state, _ = step(state)
+  bn = state["batch_stats"]["blocks"][0]["bn"]
+  assert not np.allclose(bn["mean"], 0.0)  # the running averages were updated
+
+  @jax.jit
+  def logits_train(stats, xs):
+    return nnx.merge(setup.graphdef, state["params"], stats)(xs)
+
+  @jax.jit
+  def logits_eval(stats, xs):
+    return nnx.merge(setup.eval_graphdef, state["params"], stats)(xs)
+
+  def logits(graphdef, stats, xs):
+    return (logits_eval if graphdef is setup.eval_graphdef else logits_train)(stats, xs)
+
+  full = logits(setup.eval_graphdef, state["batch_stats"], x)
+  # Eval mode: an example's output does not depend on the rest of the batch...
+  np.testing.assert_allclose(logits(setup.eval_graphdef, state["batch_stats"], x[:4]),
+                             full[:4], rtol=1e-5, atol=1e-5)
+  # ...but on the running statistics; train mode uses the batch's.
+  fresh = jax.tree.map(jnp.zeros_like, state["batch_stats"])
+  assert not np.allclose(logits(setup.eval_graphdef, fresh, x[:4]), full[:4], atol=1e-3)
+  train_out = logits(setup.graphdef, state["batch_stats"], x[:4])
+  assert not np.allclose(train_out, full[:4], atol=1e-3)
+  # eval_step sums over the masked examples only.
+  mask = jnp.arange(32) < 20
+  sums = cifar.eval_step(state, x, y, mask, setup=setup)
+  assert float(sums["count"]) == 20
+  np.testing.assert_allclose(
+      float(sums["loss"]), float(cifar.cross_entropy(full, y)[:20].sum()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["scale_amended"])
+def test_sharded_step_matches_single_device(optimizer):
+  """One jitted step: batch sharded over 4 devices == 1 device, same global batch.
+
+  Compared one step at a time (from the initial state and from a trained one): over several
+  steps of this tiny, random-label problem float noise grows chaotically (max-pool/ReLU
+  switches), which says nothing about the step.
+  """
+  assert jax.device_count() == 4
+  setup, state0 = _setup(optimizer)
+  x, y = _batch(32)
+  meshes = [cifar.make_mesh(jax.devices()[:1]), cifar.make_mesh(jax.devices())]
+  steps = [cifar.make_train_step(setup, mesh) for mesh in meshes]
+  trained = state0
+  for _ in range(3):
+    trained, _ = steps[0](cifar.replicate(trained, meshes[0]), x, y)
+  for start in (state0, jax.device_get(trained)):
+    results = []
+    for mesh, step in zip(meshes, steps):
+      state, m = step(cifar.replicate(start, mesh), x, y)
+      leaf = jax.tree.leaves(state["params"])[0]
+      assert leaf.sharding.mesh.devices.size == mesh.devices.size
+      assert leaf.sharding.is_fully_replicated
+      results.append(jax.device_get((state, m)))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 *results)
+
+
+def test_epoch_pipeline_independent_of_devices_and_scan():
+  """The epoch pipeline (on-device shuffle, augment, shard, metric sums, padded eval) gives the
+  same result on 1 and 4 devices, and as one ``lax.scan`` (GPU/TPU default) or one call per
+  step (CPU default).
+
+  At lr 0 the parameters stay put, so the float noise of the sharded reductions cannot grow
+  chaotically (over several steps of this tiny network it does, at any lr > 0, which says
+  nothing about the pipeline); the loss sums and BatchNorm running averages still depend on
+  which images every step saw and how they were augmented.
+  """
+  config = cifar.Config(width=1 / 16, epochs=2, batch_size=32, seed=3, lr=0.0).resolved()
+  rng = np.random.default_rng(0)
+  arrays = (rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, 96).astype(np.int32),
+            rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 10, 40).astype(np.int32), np.arange(40) < 36)
+  outs = []
+  for devices, per_call in ((jax.devices()[:1], 1), (jax.devices(), 1),
+                            (jax.devices()[:1], 0)):
+    mesh = cifar.make_mesh(devices)
+    data = cifar._Data(*cifar.replicate(arrays, mesh), 96, 36, 10, "random")
+    setup, state = cifar.create_train_state(config, 10, 3)
+    runner = cifar.EpochRunner(setup, mesh, config, data, 3, 20, steps_per_call=per_call)
+    assert len(runner.train_plan) == (3 if per_call == 1 else 1)
+    assert len(runner.eval_plan) == (2 if per_call == 1 else 1)
+    state = cifar.replicate(state, mesh)
+    state, train_sums = runner.train_epoch(state, 0)
+    state, train_sums = runner.train_epoch(state, 1)
+    assert int(state["step"]) == 6
+    outs.append(jax.device_get((train_sums, runner.evaluate(state), state["batch_stats"])))
+  for other in outs[1:]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 outs[0], other)
+  assert float(outs[0][0]["count"]) == 96 and float(outs[0][1]["count"]) == 36
+
+
+def test_schedules():
+  cfg = cifar.Config(epochs=8).resolved()
+  sched = cifar.create_schedule(cfg, 10)
+  np.testing.assert_allclose([sched(0), sched(39), sched(40), sched(59), sched(60)],
+                             [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
+  cos = cifar.create_schedule(cifar.Config(epochs=8, schedule="cosine").resolved(), 10)
+  np.testing.assert_allclose([cos(0), cos(40), cos(80)], [0.1, 0.05, 0.0], atol=1e-7)
+  assert cifar.Config(optimizer="lars").resolved().lr == 2.0
+  assert cifar.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
+
+
+# ----------------------------------------------------------------------------------------
+# Command line: multi-process, crash and resume, bad input
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _checkpoint_dirs_complete(workdir: pathlib.Path, allow_tmp: bool) -> list:
+  ckpts = workdir / "checkpoints"
+  names = sorted(os.listdir(ckpts)) if ckpts.exists() else []
+  tmp = [n for n in names if "tmp" in n]
+  if not allow_tmp:
+    assert not tmp, f"temporary checkpoint dirs left: {tmp}"
+  done = [n for n in names if n.isdigit()]
+  for n in done:
+    assert (ckpts / n / "_CHECKPOINT_METADATA").exists(), f"incomplete checkpoint {n}"
+    assert (ckpts / n / "state" / "_METADATA").exists(), f"incomplete checkpoint {n}"
+  leftovers = [f for f in os.listdir(workdir) if ".tmp" in f]
+  if not allow_tmp:
+    assert not leftovers, leftovers
+  return sorted(int(n) for n in done)
+
+
+def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+  epochs = 6
+  args = TINY + ["--epochs", str(epochs), "--optimizer", "scale_amended"]
+  ref = _cli(args + ["--workdir", str(tmp_path / "ref")])
+  workdir = tmp_path / "killed"
+  kills = 0
+  for kill_after in (1, 3):  # kill once epoch 1 and once epoch 3 is in metrics.jsonl
+    p = _cli(args + ["--workdir", str(workdir)])
+    deadline = time.time() + 180
+    while p.poll() is None and time.time() < deadline:
+      if len(cifar.read_metrics(str(workdir))) >= kill_after:
+        time.sleep(0.15 * kill_after)  # land somewhere inside the next epoch/checkpoint
+        os.kill(p.pid, signal.SIGKILL)
+        kills += 1
+        break
+      time.sleep(0.02)
+    p.communicate(timeout=60)
+    # After the crash: metrics hold epochs 1..k exactly, none past the last checkpoint.
+    history = cifar.read_metrics(str(workdir))
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    done = _checkpoint_dirs_complete(workdir, allow_tmp=True)
+    assert len(history) <= (done[-1] if done else 0)
+  assert kills >= 1
+  p = _cli(args + ["--workdir", str(workdir)])
+  out, err = p.communicate(timeout=240)
+  assert p.returncode == 0, err[-3000:]
+  ref_out, ref_err = ref.communicate(timeout=240)
+  assert ref.returncode == 0, ref_err[-3000:]
+  assert "resuming after epoch" in out
+  assert _results(workdir) == _results(tmp_path / "ref")  # bitwise: same compiled program
+  assert [h["epoch"] for h in _results(workdir)] == list(range(1, epochs + 1))
+  _checkpoint_dirs_complete(workdir, allow_tmp=False)
+  # --eval-only reproduces the last epoch's test accuracy from the checkpoint.
+  p = _cli(["--workdir", str(workdir), "--eval-only"])
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-3000:]
+  assert f"{100 * _results(workdir)[-1]['test_acc']:.2f}%" in out
+
+
+def test_two_process_distributed_run(tmp_path):
+  """2 processes × 2 CPU devices on 127.0.0.1 (jax.distributed, gloo) train like 1 × 4."""
+  port = _free_port()
+  common = TINY + ["--epochs", "2", "--workdir", str(tmp_path / "dist"),
+                   "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+  procs = [_cli(common + ["--process-id", str(i)], devices=2) for i in range(2)]
+  # Meanwhile the reference in this process (4 devices, the same global batches).
+  config = cifar.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
+                        data_dir="sample", epochs=2)
+  ref = cifar.train_and_evaluate(config, str(tmp_path / "single"), progress=False)
+  outs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "4 device(s) on 2 process(es)" in outs[0][0]
+  assert "summary:" in outs[0][0] and "epoch" not in outs[1][0]  # only process 0 logs
+  dist = _results(tmp_path / "dist")
+  assert [h["epoch"] for h in dist] == [1, 2]
+  for a, b in zip(dist, ref):
+    np.testing.assert_allclose([a[k] for k in RESULT_KEYS], [b[k] for k in RESULT_KEYS],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_clear_errors(tmp_path):
+  corrupt = tmp_path / "corrupt"
+  corrupt.mkdir()
+  (corrupt / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b not really a tarball")
+  other = tmp_path / "other"
+  other.mkdir()
+  stored = cifar.Config(width=0.0625, seed=7, data_dir="sample").resolved()
+  (other / "config.json").write_text(json.dumps(stored.to_json()))
+  cases = {
+      "missing": (TINY[:-3] + ["--data-dir", str(tmp_path / "nowhere"), "--no-progress",
+                               "--workdir", str(tmp_path / "w1")], 1, 1, "nowhere"),
+      "corrupt": (TINY[:-3] + ["--data-dir", str(corrupt), "--no-progress",
+                               "--workdir", str(tmp_path / "w2")], 1, 1, "cifar-10-python"),
+      "model": (["--model", "vgg12", "--workdir", str(tmp_path / "w3")], 1, 2, "vgg12"),
+      "optimizer": (["--optimizer", "adam", "--workdir", str(tmp_path / "w4")], 1, 2, "adam"),
+      "batch": (TINY + ["--batch-size", "30", "--workdir", str(tmp_path / "w5")], 4, 2,
+                "not divisible by the device count 4"),
+      "config": (TINY[:2] + ["--data-dir", "sample", "--workdir", str(other)], 1, 2,
+                 "different config"),
+  }
+  procs = {k: _cli(a, devices=d) for k, (a, d, _, _) in cases.items()}
+  for name, p in procs.items():
+    out, err = p.communicate(timeout=120)
+    _, _, code, needle = cases[name]
+    assert p.returncode == code, (name, p.returncode, err)
+    assert "Traceback" not in err and "Traceback" not in out, (name, err)
+    assert needle in err, (name, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error:") or "error: argument" in last, (name, err)
+    assert len(last) < 1000
+  # Nothing was written for the failed runs; the other run's config is untouched.
+  assert not (tmp_path / "w1" / "config.json").exists()
+  assert json.loads((other / "config.json").read_text())["seed"] == 7
+
+
+# ----------------------------------------------------------------------------------------
+# Table 1 grid
+
+
+def test_table1_report_from_finished_runs(tmp_path):
+  args = table1.parse_args(["--mini", "--optimizers", "sgd", "scale_amended", "--seeds", "0",
+                            "1", "--epochs", "2", "--workdir-root", str(tmp_path / "runs"),
+                            "--out", str(tmp_path / "out")])
+  assert args.width == 0.125 and args.models == ["vgg11"] and args.allow_subset
+  assert args.data_dir.endswith("shared/data/cifar10-mini")
+  for i, (seed, opt) in enumerate([(0, "sgd"), (1, "sgd"), (0, "scale_amended")]):
+    w = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", opt, seed)
+    w.mkdir(parents=True)
+    lines = [{"epoch": e, "test_acc": 0.1 * (e + i), "seconds": 1.0} for e in (1, 2)]
+    (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
+  unfinished = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", "scale_amended", 1)
+  unfinished.mkdir()
+  (unfinished / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.9}) + "\n")
+  assert table1.main(["--mini", "--optimizers", "sgd", "scale_amended", "--seeds", "0", "1",
+                      "--epochs", "2", "--workdir-root", str(tmp_path / "runs"), "--out",
+                      str(tmp_path / "out"), "--report-only"]) == 0
+  text = (tmp_path / "out" / "table1.md").read_text()
+  assert table1.MINI_LABEL in text
+  assert "| SGD | 25.00 [20.00, 30.00] (92.34) |" in text
+  assert "| scale-amended | 40.00 [40.00, 1 seed(s) missing] (92.45) |" in text
+  assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
