@@ -179,7 +179,7 @@ def child_env(args) -> dict:
 
 
 def run_grid(args) -> list:
-  """Runs the unfinished runs, ``args.jobs`` at a time; returns the failed run names."""
+  """Runs the unfinished runs, ``args.jobs`` at a time; returns (failed run names, #run)."""
   root = pathlib.Path(args.workdir_root)
   logs = root / "logs"
   todo = []
@@ -193,9 +193,9 @@ def run_grid(args) -> list:
   if args.dry_run:
     for name, cmd in todo:
       print(" ".join(shlex.quote(c) for c in cmd))
-    return []
+    return [], 0
   if not todo:
-    return []
+    return [], 0
   logs.mkdir(parents=True, exist_ok=True)
   env = child_env(args)
   running: dict = {}
@@ -229,7 +229,7 @@ def run_grid(args) -> list:
         failed.append(name)
         print(f"FAILED {name} (exit {proc.returncode}); see {logs / (name + '.log')}",
               flush=True)
-  return failed
+  return failed, len(todo)
 
 
 def collect(args) -> dict:
@@ -243,6 +243,14 @@ def collect(args) -> dict:
   return results
 
 
+def _display_path(path: str) -> str:
+  """A path relative to the repository when it is near it (as the presets spell it)."""
+  if path == "sample" or not os.path.isabs(path):
+    return path
+  rel = os.path.relpath(path, REPO)
+  return rel if rel.count("..") <= 1 else path
+
+
 def reproduce_command(args) -> str:
   """The table1.py command line for this grid (explicit flags, whatever preset was used)."""
   parts = ["--mini"] if args.mini else []
@@ -252,11 +260,7 @@ def reproduce_command(args) -> str:
   if args.compute_dtype != "float32":
     parts += ["--compute-dtype", args.compute_dtype]
   if args.data_dir:
-    try:
-      data_dir = os.path.relpath(args.data_dir, REPO)
-    except ValueError:
-      data_dir = args.data_dir
-    parts += ["--data-dir", data_dir]
+    parts += ["--data-dir", _display_path(args.data_dir)]
   if args.allow_subset:
     parts += ["--allow-subset"]
   if args.cpu_devices:
@@ -266,7 +270,7 @@ def reproduce_command(args) -> str:
   return "python train/table1.py " + " ".join(shlex.quote(p) for p in parts)
 
 
-def write_table(args, results: dict, path: pathlib.Path, elapsed: Optional[float]) -> str:
+def write_table(args, results: dict, path: pathlib.Path) -> str:
   cols = [(d, m) for d in args.datasets for m in args.models]
   title = "Table 1 (mini)" if args.mini else "Table 1"
   lines = [f"# {title}: final-epoch test accuracy (%)", ""]
@@ -277,7 +281,8 @@ def write_table(args, results: dict, path: pathlib.Path, elapsed: Optional[float
   lines += [
       f"VGG-BN width {args.width:g}, {args.epochs} epochs, batch {args.batch_size}, "
       f"step decay ×0.1 at 50%/75%, {args.compute_dtype}, data: "
-      f"`{args.data_dir or 'tensorflow-datasets'}`; each optimizer at the paper's "
+      f"`{_display_path(args.data_dir) if args.data_dir else 'tensorflow-datasets'}`; each "
+      "optimizer at the paper's "
       "setting (SGD/LSALR lr 0.1 wd 1e-3, LARS lr 2 wd 1e-3 trust 1e-3, scale-amended lr 0.1 "
       "wd 5e-3; Nesterov momentum 0.9).", "",
       "Cell: median over seeds of the final-epoch test accuracy [each seed's value]; paper's "
@@ -301,13 +306,17 @@ def write_table(args, results: dict, path: pathlib.Path, elapsed: Optional[float
       else:
         cells.append(f"—{paper_s}")
     lines.append(f"| {OPT_LABELS[o]} | " + " | ".join(cells) + " |")
+  invocations = read_invocations(args)
   total_runs = len(grid(args))
   finished = sum(len(v) for v in results.values())
   run_seconds = sum(h["seconds"] for runs in results.values() for hist in runs.values()
                     for h in hist)
   lines += ["", f"{finished}/{total_runs} runs finished; training time (sum of the runs' "
                 f"epoch times) {run_seconds / 60:.1f} min"
-            + (f"; this invocation's wall time {elapsed / 60:.1f} min" if elapsed else "")
+            + (f"; wall time of the {len(invocations)} grid invocation(s) that ran runs "
+               f"{sum(i['wall_s'] for i in invocations) / 60:.1f} min "
+               f"(--jobs {', '.join(sorted({str(i['jobs']) for i in invocations}))}; "
+               "2-core CPU shared with other work)" if invocations else "")
             + ".", "",
             f"Reproduce: `{reproduce_command(args)}` (finished runs are skipped, interrupted "
             "ones resume).", ""]
@@ -365,17 +374,36 @@ def copy_metrics(args, results: dict, out: pathlib.Path) -> None:
           (dest / f"{name}.{f}").write_text(src.read_text())
 
 
+def read_invocations(args) -> list:
+  path = pathlib.Path(args.workdir_root) / "invocations.jsonl"
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def log_invocation(args, wall_s: float, ran: int) -> None:
+  """Appends this invocation's wall time (only when it ran runs) for the table's time line."""
+  root = pathlib.Path(args.workdir_root)
+  root.mkdir(parents=True, exist_ok=True)
+  with open(root / "invocations.jsonl", "a") as f:
+    f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                        "wall_s": round(wall_s, 1), "runs": ran, "jobs": args.jobs}) + "\n")
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   out = pathlib.Path(args.out)
   t0 = time.time()
-  failed = [] if args.report_only else run_grid(args)
+  failed, ran = ([], 0) if args.report_only else run_grid(args)
   if args.dry_run:
     return 0
-  elapsed = None if args.report_only else time.time() - t0
+  elapsed = time.time() - t0
+  if ran:
+    log_invocation(args, elapsed, ran)
   results = collect(args)
   out.mkdir(parents=True, exist_ok=True)
-  text = write_table(args, results, out / "table1.md", elapsed)
+  text = write_table(args, results, out / "table1.md")
   if results:
     plot_curves(args, results, out / "curves.png")
     copy_metrics(args, results, out)
