@@ -148,7 +148,7 @@ class _StandardizedConv(nnx.Module):
     self.fc = nnx.Linear(4, 2, rngs=rngs)
 
   def __call__(self, x):
-    w = self.conv.kernel.value
+    w = self.conv.kernel[...]
     w = (w - w.mean()) / (w.std() + 1e-5)  # weight standardization: the kernel is computed
     h = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -161,7 +161,7 @@ class _Scanned(nnx.Module):
     self.fc = nnx.Linear(4, 2, rngs=rngs)
 
   def __call__(self, x):
-    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, self.w.value)
+    h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, self.w[...])
     return self.fc(h)
 
 
