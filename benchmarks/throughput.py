@@ -1,0 +1,446 @@
+"""Training throughput, the on-device data path, and utilization of the machine.
+
+Measured in one run, interleaved (order rotated every repetition), batch on the device:
+
+* **step**: the whole training step (``train.cifar.train_step`` when it imports, else the
+  equivalent of ``optimizer_overhead.py``) on an already-normalized batch: images/s;
+* **data path**: the trainer's on-device input pipeline for one batch, ``augment`` (random
+  crop + flip) then ``normalize`` from ``train/data.py``; also with the gather of the batch
+  from a 50 000-image ``uint8`` set (what the trainer's epoch scan does); images/s and share
+  of the step (target ≤ 5 %);
+* **fused step**: data path + step in one jitted function, as in the trainer's scan body;
+  its excess over the step is the data path's in-step cost;
+* **matmul**: a large ``jnp.dot`` (f32 N×N, or bf16 on an accelerator), the machine's own
+  dense FLOP/s, against which the step's achieved FLOP/s gives the utilization.
+
+The step's FLOPs come from XLA's cost analysis of the compiled step
+(``jitted.lower(...).compile().cost_analysis()["flops"]``); a count from the model's jaxpr
+(2 FLOPs per multiply-accumulate of every conv/dense, ×3 for forward, input and weight
+gradients, less the first layer's unneeded input gradient) is printed next to it.
+
+``--profile`` (default on, off with ``--quick``) traces one step with ``jax.profiler`` and
+prints the ops that take the most time, with the share of the step spent in convolutions
+that XLA:CPU could not hand to a library (operand-swapped convolutions on 2×2 maps).
+
+bf16: ``--dtype auto`` computes in bf16 (parameters f32) on a GPU/TPU and f32 on a CPU; that
+path is written for accelerators but **untested on GPU** (none was available).
+
+Usage::
+
+  python benchmarks/throughput.py              # VGG11 + VGG16, full width
+  python benchmarks/throughput.py --quick      # CI scale: VGG11 at width 1/8, 3 reps, no profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import glob
+import gzip
+import json
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Optional
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a fresh checkout
+  sys.path.insert(0, str(ROOT))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks import optimizer_overhead as oo
+from train import data as data_lib
+from train import models
+
+DATASET_SIZE = 50_000
+AUG_TARGET = 0.05
+
+# ---------------------------------------------------------------------------------------------
+# --small-map-conv: a prototype of a change PROPOSED for train/models.py (not applied there).
+#
+# On maps smaller than the 3×3 kernel (VGG's last blocks run on 2×2 maps), XLA's algebraic
+# simplifier swaps the convolution's operands (the 2×2 activations become the "kernel"); the
+# swapped convolution has no library lowering on XLA:CPU and runs in XLA's generic loop
+# emitter, about 100× slower than YNNPACK. Padding explicitly behind an optimization barrier
+# keeps the input 4×4, so nothing is swapped; a custom VJP does the same for the input
+# gradient. The primal is the plain SAME convolution, so `optax_bm.annotate` sees the same
+# jaxpr as before (same specs) and evaluation without gradients is unchanged.
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _pad_barrier(a):
+  return jax.lax.optimization_barrier(jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+
+def _conv_valid(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
+
+
+@jax.custom_vjp
+def small_map_conv(x, w):
+  """3×3 SAME stride-1 convolution for maps smaller than 3×3, without operand swapping."""
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+
+
+def _small_map_conv_fwd(x, w):
+  xp = _pad_barrier(x)
+  return _conv_valid(xp, w), (xp, w)
+
+
+def _small_map_conv_bwd(res, g):
+  xp, w = res
+  dx = _conv_valid(_pad_barrier(g), jnp.flip(w, (0, 1)).swapaxes(2, 3))
+  dw = jax.vjp(lambda w_: _conv_valid(xp, w_), w)[1](g)[0]
+  return dx, dw
+
+
+small_map_conv.defvjp(_small_map_conv_fwd, _small_map_conv_bwd)
+
+
+def _patched_conv_block_call(self, x):
+  conv = self.conv
+  if x.shape[1] < 3 or x.shape[2] < 3:
+    dtype = conv.dtype or x.dtype
+    y = small_map_conv(x.astype(dtype), conv.kernel[...].astype(dtype))
+  else:
+    y = conv(x)
+  x = nnx.relu(self.bn(y))
+  if self.pool:
+    x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+  if self.flatten:
+    x = x.reshape(x.shape[0], -1)
+  return x
+
+
+@contextlib.contextmanager
+def small_map_conv_patch():
+  """Temporarily routes models.ConvBlock's small-map convolutions through small_map_conv."""
+  original = models.ConvBlock.__call__
+  models.ConvBlock.__call__ = _patched_conv_block_call
+  try:
+    yield
+  finally:
+    models.ConvBlock.__call__ = original
+
+
+def check_small_map_conv(model_name: str = "vgg16") -> str:
+  """Same specs, loss and gradients with and without the patch (small model, batch 8)."""
+  import optax_bm  # pylint: disable=import-outside-toplevel
+  model = models.vgg(model_name, oo.NUM_CLASSES, 0.125, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x, y = oo.fake_batch(batch=8)
+
+  def loss(p):
+    logits = nnx.merge(graphdef, p, rest, copy=True)(x)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), y])
+
+  def run():
+    specs = optax_bm.annotate(model, oo.SAMPLE_SHAPE)
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return specs, value, grads
+
+  specs0, l0, g0 = run()
+  with small_map_conv_patch():
+    specs1, l1, g1 = run()
+  err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+            for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+  if specs0 != specs1 or err > 1e-4 or abs(float(l0 - l1)) > 1e-4:
+    raise RuntimeError(f"--small-map-conv prototype disagrees with train.models.ConvBlock "
+                       f"(specs equal {specs0 == specs1}, loss diff {float(l0 - l1):.2e}, max "
+                       f"relative gradient error {err:.2e}); the model changed?")
+  return (f"small-map conv check ({model_name}, width 0.125, batch 8): annotate specs equal, "
+          f"loss diff {abs(float(l0 - l1)):.1e}, max relative gradient error {err:.1e}")
+
+
+def counted_train_flops(model_name: str, width: float, batch: int) -> float:
+  """2 · MACs of every conv/dense in the forward pass × 3, less the first layer's input grad."""
+  model = models.vgg(model_name, oo.NUM_CLASSES, width, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  def fwd(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  jaxpr = jax.make_jaxpr(fwd)(state, jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32))
+  macs = []
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        out, rhs = eqn.outvars[0].aval.shape, eqn.invars[1].aval.shape
+        o = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+        macs.append(math.prod(out) * math.prod(rhs) // o)
+      elif eqn.primitive.name == "dot_general":
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        macs.append(math.prod(eqn.outvars[0].aval.shape) *
+                    math.prod(lhs[d] for d in lhs_contract))
+      for sub in _sub_jaxprs(eqn):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  if not macs:
+    return float("nan")
+  return 2.0 * (3 * sum(macs) - macs[0])
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
+        yield x.jaxpr
+      elif hasattr(x, "eqns"):
+        yield x
+
+
+def swapped_conv_names(compiled) -> set:
+  names = set()
+  for line in oo.entry_text(compiled.as_text()).splitlines():
+    if " convolution(" in line and "rhs_reversal" in line:
+      names.add(line.split("=", 1)[0].strip().lstrip("%").split()[-1])
+  return names
+
+
+def profile_step(fn, state, images, labels, swapped: set, top: int = 12):
+  """Traces one call; returns (state, wall seconds, [(ms, count, name)], ms in swapped convs)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      t0 = time.perf_counter()
+      state, metrics = fn(state, images, labels)
+      jax.block_until_ready((state, metrics))
+      wall = time.perf_counter() - t0
+    paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
+    if not paths:
+      return state, wall, [], float("nan")
+    with gzip.open(paths[0]) as f:
+      events = json.load(f).get("traceEvents", [])
+  total, count = collections.defaultdict(float), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or "::" in name or name.startswith("$"):
+      continue  # runtime wrappers and Python frames
+    total[name] += e.get("dur", 0.0) / 1e3
+    count[name] += 1
+  rows = sorted(((ms, count[n], n) for n, ms in total.items()), reverse=True)[:top]
+  return state, wall, rows, sum(total.get(n, 0.0) for n in swapped)
+
+
+def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
+                sample_s: float, matmul_n: int, profile: bool, variant: str = "",
+                useful_flops: Optional[float] = None) -> dict:
+  images_u8_all = jax.random.randint(jax.random.key(2), (DATASET_SIZE, 32, 32, 3), 0, 256,
+                                     jnp.int32).astype(jnp.uint8)
+  labels_all = jax.random.randint(jax.random.key(3), (DATASET_SIZE,), 0, oo.NUM_CLASSES,
+                                  jnp.int32)
+  images_u8, labels = images_u8_all[:oo.BATCH], labels_all[:oo.BATCH]
+  x = data_lib.normalize(images_u8, "cifar10", dtype)
+  aug_key = jax.random.key(4)
+
+  step, state, source = oo.train_state_and_step(model_name, width, optimizer, dtype)
+  _, state2, _ = oo.train_state_and_step(model_name, width, optimizer, dtype)
+
+  def data_path(i, images):
+    out = data_lib.normalize(data_lib.augment(jax.random.fold_in(aug_key, i), images),
+                             "cifar10", dtype)
+    return i + 1, out
+
+  def gather_data_path(i, images, labels):
+    idx = jax.random.randint(jax.random.fold_in(aug_key, -i), (oo.BATCH,), 0, DATASET_SIZE)
+    batch = jnp.take(images, idx, axis=0)
+    out = data_lib.normalize(data_lib.augment(jax.random.fold_in(aug_key, i), batch),
+                             "cifar10", dtype)
+    return i + 1, out, jnp.take(labels, idx, axis=0)
+
+  def fused(state, i, images, labels):
+    i, xs = data_path(i, images)
+    state, metrics = step(state, xs, labels)
+    return state, i, metrics
+
+  mm_dtype = dtype
+  a = jax.random.normal(jax.random.key(5), (matmul_n, matmul_n), jnp.float32).astype(mm_dtype)
+  b = jax.random.normal(jax.random.key(6), (matmul_n, matmul_n), jnp.float32).astype(mm_dtype)
+
+  step_fn = jax.jit(step, donate_argnums=(0,))
+  fused_fn = jax.jit(fused, donate_argnums=(0,))
+  data_fn = jax.jit(data_path)
+  gather_fn = jax.jit(gather_data_path)
+  mm_fn = jax.jit(lambda a, b: (jnp.dot(a, b),))
+  i0 = jnp.zeros((), jnp.int32)
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, x, labels).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  xla_flops = float((cost or {}).get("flops", float("nan")))
+  if useful_flops is not None:  # same work as the unpatched step (XLA counts padding taps)
+    xla_flops = useful_flops
+  param_bytes = sum(int(v.nbytes) for v in jax.tree.leaves(state["params"]))
+  hlo = oo.hlo_stats(compiled, param_bytes)
+  swapped = swapped_conv_names(compiled)
+  mm_cost = mm_fn.lower(a, b).compile().cost_analysis()
+  if isinstance(mm_cost, (list, tuple)):
+    mm_cost = mm_cost[0] if mm_cost else {}
+  mm_flops = float((mm_cost or {}).get("flops", 2.0 * matmul_n ** 3)) or 2.0 * matmul_n ** 3
+
+  chains = {
+      "step": oo.Chain(step_fn, (state,), (x, labels), 1),
+      "fused": oo.Chain(fused_fn, (state2, i0), (images_u8, labels), 2),
+      "data": oo.Chain(data_fn, (i0,), (images_u8,), 1),
+      "gather": oo.Chain(gather_fn, (i0,), (images_u8_all, labels_all), 1),
+      "matmul": oo.Chain(mm_fn, (), (a, b), 0),
+  }
+  for name, c in chains.items():
+    c.calibrate(sample_s, max_k=50 if name in ("step", "fused") else 1000)
+  times = oo.interleaved(chains, reps)
+
+  prof = None
+  if profile:
+    st, wall, rows, swapped_ms = profile_step(step_fn, chains["step"].carry[0], x, labels,
+                                              swapped)
+    chains["step"].carry = (st,)
+    prof = {"wall": wall, "rows": rows, "swapped_ms": swapped_ms, "n_swapped": len(swapped)}
+
+  q = {n: oo.quantiles(t) for n, t in times.items()}
+  step_t, mm_t = np.asarray(times["step"]), np.asarray(times["matmul"])
+  per_rep_util = (xla_flops / step_t) / (mm_flops / mm_t)
+  share = oo.quantiles(np.asarray(times["data"]) / step_t)
+  share_gather = oo.quantiles(np.asarray(times["gather"]) / step_t)
+  in_step = oo.quantiles((np.asarray(times["fused"]) - step_t) / step_t)
+  return {
+      "model": model_name + variant, "width": width, "dtype": jnp.dtype(dtype).name,
+      "source": source,
+      "optimizer": optimizer, "q": q, "k": {n: c.k for n, c in chains.items()},
+      "compile_s": compile_s, "xla_flops": xla_flops,
+      "counted_flops": counted_train_flops(model_name, width, oo.BATCH),
+      "mm_flops": mm_flops, "matmul_n": matmul_n, "util": oo.quantiles(per_rep_util),
+      "share": share, "share_gather": share_gather, "in_step": in_step, "hlo": hlo,
+      "profile": prof,
+      "retraces": sum((oo.cache_size(f) or 1) - 1 for f in (step_fn, fused_fn, data_fn, gather_fn)),
+  }
+
+
+def print_tables(results: list, reps: int) -> None:
+  r0 = results[0]
+  print(f"\n### Training step throughput and utilization, batch {oo.BATCH}, optimizer "
+        f"{oo.LABELS[r0['optimizer']]}, {reps} interleaved reps\n")
+  print("| model | width | dtype | step ms, median [IQR] | images/s | XLA GFLOP/step | "
+        "counted GFLOP/step | achieved GFLOP/s | matmul GFLOP/s (same run) | utilization |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    st, mm = r["q"]["step"]["median"], r["q"]["matmul"]["median"]
+    wl = "1 (full)" if r["width"] == 1 else f"{r['width']:g}"
+    print(f"| {r['model']} | {wl} | {r['dtype']} | {oo.fmt_ms(r['q']['step'])} | "
+          f"{oo.BATCH / st:.1f} | {r['xla_flops'] / 1e9:.1f} | {r['counted_flops'] / 1e9:.1f} | "
+          f"{r['xla_flops'] / st / 1e9:.1f} | {r['mm_flops'] / mm / 1e9:.1f} "
+          f"({r['matmul_n']}² {r['dtype']}) | {100 * r['util']['median']:.1f} % "
+          f"[{100 * r['util']['q1']:.1f}-{100 * r['util']['q3']:.1f}] |")
+  if any(r["model"].endswith("*") for r in results):
+    print("\n\\* with the convolution change proposed for train/models.py (prototype in "
+          "benchmarks/throughput.py, patched in for this row only): not the trainer's current "
+          "model. Its FLOPs are those of the unpatched step (same work; XLA would also count "
+          "the explicit padding's zero taps).")
+  print("\nutilization = (XLA cost-analysis FLOPs of the step / step time) / (matmul FLOPs / "
+        "matmul time), per repetition, median [IQR].")
+  print(f"\n### On-device data path, batch {oo.BATCH} (target: ≤ {100 * AUG_TARGET:g} % of the "
+        "step)\n")
+  print("| model (step) | data path | ms, median [IQR] | images/s | share of step, median "
+        "(min-max) | verdict |")
+  print("|---|---|---|---|---|---|")
+  for r in results:
+    for key, label, sh in (("data", "augment + normalize", r["share"]),
+                           ("gather", "gather from 50k uint8 + augment + normalize",
+                            r["share_gather"])):
+      qd = r["q"][key]
+      ok = "met" if sh["median"] <= AUG_TARGET else "MISSED"
+      print(f"| {r['model']} w{r['width']:g} | {label} | {oo.fmt_ms(qd)} | "
+            f"{oo.BATCH / qd['median']:.0f} | {100 * sh['median']:.3f} % "
+            f"({100 * sh['min']:.3f}-{100 * sh['max']:.3f}) | {ok} |")
+    ins = r["in_step"]
+    print(f"| {r['model']} w{r['width']:g} | in the fused step (fused − step) / step | "
+          f"{oo.fmt_ms(r['q']['fused'])} (fused) | - | {100 * ins['median']:+.2f} % "
+          f"({100 * ins['min']:+.2f}-{100 * ins['max']:+.2f}) | noise-limited |")
+  for r in results:
+    h = r["hlo"]
+    print(f"\n{r['model']}: step = {r['source']}; compile {r['compile_s']:.1f} s; retraces "
+          f"after warm-up: {r['retraces']}; entry fusions {h['fusions']} "
+          f"({h['library_fusions']} YNNPACK/library); top-level convolutions {h['convolutions']} "
+          f"({h['swapped_convolutions']} operand-swapped, XLA's generic loop emitter); "
+          f"k = {r['k']}")
+    p = r["profile"]
+    if p:
+      print(f"\nprofile of one {r['model']} step ({p['wall'] * 1e3:.0f} ms wall, traced): "
+            f"{p['n_swapped']} operand-swapped convolutions took {p['swapped_ms']:.0f} ms "
+            f"= {100 * p['swapped_ms'] / max(p['wall'] * 1e3, 1e-9):.0f} % of the step")
+      print("\n| op (HLO instruction) | ms | calls |\n|---|---|---|")
+      for ms, n, name in p["rows"]:
+        print(f"| {name[:70]} | {ms:.1f} | {n} |")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--quick", action="store_true",
+                 help="CI scale: VGG11 only, width 1/8 unless --width, 3 reps, no profile")
+  p.add_argument("--models", default=None, help="default vgg11,vgg16; quick vgg11")
+  p.add_argument("--width", type=float, default=None, help="default 1, quick 0.125")
+  p.add_argument("--optimizer", choices=oo.OPTIMIZERS, default="scale_amended")
+  p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                 help="compute dtype; auto: bf16 on GPU/TPU (untested on GPU), f32 on CPU")
+  p.add_argument("--reps", type=int, default=None, help="default 5, quick 3")
+  p.add_argument("--sample-seconds", type=float, default=None, help="default 0.5, quick 0.1")
+  p.add_argument("--matmul-n", type=int, default=2048)
+  p.add_argument("--small-map-conv", action="store_true",
+                 help="also measure each model with the convolution change proposed for "
+                      "train/models.py (prototype patched in at run time; see the README)")
+  p.add_argument("--profile", dest="profile", action="store_true", default=None)
+  p.add_argument("--no-profile", dest="profile", action="store_false")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
+  reps = args.reps or (3 if args.quick else 5)
+  sample_s = args.sample_seconds if args.sample_seconds is not None else (0.1 if args.quick else 0.5)
+  profile = (not args.quick) if args.profile is None else args.profile
+  accelerator = jax.default_backend() in ("gpu", "tpu")
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
+      args.dtype, jnp.bfloat16 if accelerator else jnp.float32)
+  t_start = time.perf_counter()
+  print(f"# throughput{' --quick' if args.quick else ''}")
+  print(oo.machine_line())
+  if dtype == jnp.bfloat16:
+    print("note: bf16 compute path (parameters f32); written for GPU but untested on GPU"
+          + ("" if accelerator else "; these are CPU figures, not representative of a GPU"))
+  print(oo.load_line("at start"))
+  results = []
+  if args.small_map_conv:
+    print(check_small_map_conv())
+  models_arg = args.models if args.models is not None else ("vgg11" if args.quick else "vgg11,vgg16")
+  for m in [m for m in models_arg.split(",") if m]:
+    results.append(bench_model(m, width, args.optimizer, dtype, reps, sample_s, args.matmul_n,
+                               profile))
+    print(oo.load_line(f"after {m}"))
+    if args.small_map_conv:
+      with small_map_conv_patch():
+        results.append(bench_model(m, width, args.optimizer, dtype, reps, sample_s,
+                                   args.matmul_n, profile, variant=" + small-map conv*",
+                                   useful_flops=results[-1]["xla_flops"]))
+      print(oo.load_line(f"after {m} + small-map conv"))
+  print_tables(results, reps)
+  print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
