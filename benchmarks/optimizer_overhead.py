@@ -6,10 +6,9 @@ Two measurements, each a ratio to SGD (Nesterov momentum + weight decay) taken i
    jitted ``tx.update`` + ``optax.apply_updates`` with the parameters and optimizer state
    donated (as a trainer does), fed back call after call, ``block_until_ready`` at the end.
 2. **Whole training step** (forward, backward, update; BatchNorm in training mode, batch on
-   the device) of VGG11 and VGG16 at batch 128: the trainer's own ``train.cifar.train_step``
-   when it imports, else an equivalent step built here from ``train.models`` (the output
-   says which). Full width is slow on a small CPU: ``--width`` sets the channel multiplier and
-   every table says which width it measured.
+   the device) of VGG11 and VGG16 at batch 128: the trainer's own ``train.cifar.train_step``. Full width is
+   slow on a small CPU: ``--width`` sets the channel multiplier and every table says which
+   width it measured.
 
 Timing: every configuration is warmed up, then measured ``--reps`` times, the configurations
 interleaved (their order rotated every repetition) so that each repetition's ratio to SGD
@@ -251,63 +250,19 @@ def vgg_params(name: str, width: float, seed: int = 0):
   return model, specs, params
 
 
-def _local_train_state(model_name: str, width: float, optimizer: str, dtype):
-  """Equivalent of ``train.cifar.create_train_state`` + ``train_step`` (used if it won't import)."""
-  model = models.vgg(model_name, NUM_CLASSES, width, dtype, rngs=nnx.Rngs(0))
-  specs = optax_bm.annotate(model, SAMPLE_SHAPE) if optimizer == "scale_amended" else None
-  tx = make_tx(optimizer, specs)
-  model.train()
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params)}
-
-  def step(state, images, labels):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, state["batch_stats"])
-      logits = m(images)
-      loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), labels).mean()
-      return loss, (logits, nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)))
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    n = labels.shape[0]
-    metrics = {"loss": loss * n,
-               "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-               "count": jnp.asarray(n, jnp.float32)}
-    return {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
-            "opt_state": opt_state}, metrics
-
-  return step, state
-
-
-def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jnp.float32,
-                         source: str = "auto"):
+def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jnp.float32):
   """``(step_fn(state, images, labels) -> (state, metrics), state, source description)``.
 
-  ``source="auto"``: the trainer's ``train.cifar.train_step`` with its own optimizer factory
-  (paper settings) if ``train.cifar`` imports and has that API; else the local equivalent.
+  Always the trainer's own ``train.cifar.train_step`` with its optimizer factory (paper
+  settings): the benchmark measures the step users run, and fails loudly if it breaks.
   """
-  if source in ("auto", "trainer"):
-    try:
-      from train import cifar  # pylint: disable=import-outside-toplevel
-      dtype_name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype]
-      config = cifar.Config(model=model_name, width=width, optimizer=optimizer,
-                            batch_size=BATCH, compute_dtype=dtype_name).resolved()
-      setup, state = cifar.create_train_state(config, NUM_CLASSES, 390)
-      step = functools.partial(cifar.train_step, setup=setup)
-      return step, state, "train.cifar.train_step (the trainer's step)"
-    except Exception as e:  # pylint: disable=broad-except
-      if source == "trainer":
-        raise
-      reason = f"{type(e).__name__}: {e}"
-  else:
-    reason = "requested"
-  step, state = _local_train_state(model_name, width, optimizer, dtype)
-  return step, state, f"benchmark-local equivalent step ({reason[:120]})"
+  from train import cifar  # pylint: disable=import-outside-toplevel
+  dtype_name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype]
+  config = cifar.Config(model=model_name, width=width, optimizer=optimizer,
+                        batch_size=BATCH, compute_dtype=dtype_name).resolved()
+  setup, state = cifar.create_train_state(config, NUM_CLASSES, 390)
+  step = functools.partial(cifar.train_step, setup=setup)
+  return step, state, "train.cifar.train_step (the trainer's step)"
 
 
 def fake_batch(dtype=jnp.float32, batch: int = BATCH, seed: int = 0):
@@ -362,11 +317,11 @@ def bench_update(names: Sequence[str], width: float, reps: int, sample_seconds: 
 
 
 def bench_steps(model_name: str, names: Sequence[str], width: float, reps: int,
-                sample_seconds: float, source: str = "auto") -> dict:
+                sample_seconds: float) -> dict:
   images, labels = fake_batch()
   chains, jitted, info, sources = {}, {}, {}, set()
   for name in names:
-    step, state, src = train_state_and_step(model_name, width, name, source=source)
+    step, state, src = train_state_and_step(model_name, width, name)
     sources.add(src)
     fn = jax.jit(step, donate_argnums=(0,))
     t0 = time.perf_counter()
@@ -475,8 +430,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="target length of one sample (default 0.5, quick 0.2)")
   p.add_argument("--skip-update", action="store_true")
   p.add_argument("--skip-steps", action="store_true")
-  p.add_argument("--step-source", choices=("auto", "trainer", "local"), default="auto",
-                 help="whole step from train.cifar (auto: if it imports) or built here")
   p.add_argument("--dump-hlo", default=None, help="write the updates' optimized HLO here")
   return p.parse_args(argv)
 
@@ -503,7 +456,7 @@ def main(argv=None) -> int:
     print_update_table(res, reps)
     print(load_line("after the update benchmark"))
   if not args.skip_steps and model_names:
-    results = [bench_steps(m, names, width, step_reps, sample_s, args.step_source)
+    results = [bench_steps(m, names, width, step_reps, sample_s)
                for m in model_names]
     print_step_table(results, step_reps)
     print(load_line("after the step benchmark"))
