@@ -1,8 +1,9 @@
 """Smoke tests: both benchmarks run with --quick at a tiny width, exit 0 and print their tables.
 
-Each runs in a fresh process without the 4 simulated devices of conftest.py (a benchmark
-measures one device), with the fewest repetitions and samples of one call; about 20-30 s each
-on a 2-core CPU.
+Both scripts start together in fresh processes (XLA compiles mostly on one core, so the pair
+takes about as long as the slower one, about a minute on an idle 2-core CPU), without the
+4 simulated devices of conftest.py (a benchmark measures one device), with the fewest
+repetitions and samples of one call.
 """
 
 import os
@@ -10,23 +11,45 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+COMMON = ("--quick", "--width", "0.0625", "--sample-seconds", "0")
+RUNS = {
+    "optimizer_overhead.py": ("--update-width", "0.0625", "--models", "vgg11",
+                              "--optimizers", "sgd,scale_amended", "--reps", "2",
+                              "--step-reps", "2"),
+    "throughput.py": ("--models", "vgg11", "--reps", "2", "--matmul-n", "512"),
+}
 
 
-def _run(script, *args):
+@pytest.fixture(scope="module")
+def runs():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--width", "0.0625",
-       "--sample-seconds", "0", *args],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-  return proc.stdout
+  procs = {script: subprocess.Popen(
+      [sys.executable, str(ROOT / "benchmarks" / script), *COMMON, *args], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for script, args in RUNS.items()}
+  yield procs
+  for proc in procs.values():
+    if proc.poll() is None:
+      proc.kill()
 
 
-def test_optimizer_overhead_quick():
-  out = _run("optimizer_overhead.py", "--update-width", "0.0625", "--models", "vgg11",
-             "--optimizers", "sgd,scale_amended", "--reps", "2", "--step-reps", "2")
+def _output(runs, script):
+  proc = runs[script]
+  try:
+    out, err = proc.communicate(timeout=900)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{err[-4000:]}"
+  return out
+
+
+def test_optimizer_overhead_quick(runs):
+  out = _output(runs, "optimizer_overhead.py")
   assert "machine:" in out and "load average" in out
   assert "### Optimizer update alone" in out and "### Whole training step" in out
   assert "| optax_bm.scale_amended_sgd |" in out
@@ -34,8 +57,8 @@ def test_optimizer_overhead_quick():
   assert "width 0.0625 (NOT full width)" in out
 
 
-def test_throughput_quick():
-  out = _run("throughput.py", "--models", "vgg11", "--reps", "2", "--matmul-n", "512")
+def test_throughput_quick(runs):
+  out = _output(runs, "throughput.py")
   assert "machine:" in out and "load average" in out
   assert "### Training step throughput and utilization" in out
   assert "### On-device data path" in out
