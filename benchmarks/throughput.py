@@ -2,8 +2,8 @@
 
 Measured in one run, interleaved (order rotated every repetition), batch on the device:
 
-* **step**: the whole training step (``train.cifar.train_step`` when it imports, else the
-  equivalent of ``optimizer_overhead.py``) on an already-normalized batch: images/s;
+* **step**: the whole training step (the trainer's own ``train.cifar.train_step``) on an
+  already-normalized batch: images/s;
 * **data path**: the trainer's on-device input pipeline for one batch, ``augment`` (random
   crop + flip) then ``normalize`` from ``train/data.py``; also with the gather of the batch
   from a 50 000-image ``uint8`` set (what the trainer's epoch scan does); images/s and share
