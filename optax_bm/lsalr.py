@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_bm import transform
+
 
 def scale_by_lsalr(mask: Optional[Union[Any, Any]] = None) -> optax.GradientTransformation:
   r"""Scales each leaf's update ``u`` by ``1 + log(1 + 1 / ‖u‖₂)``.
@@ -91,10 +93,5 @@ def lsalr(
   References:
     Singh et al., ICMLA 2015; Zhang, Chen & Liu, NeurIPS 2018, supplement §D.
   """
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      scale_by_lsalr(lsalr_mask),
-      (optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
-       else optax.identity()),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  return transform.layerwise_sgd(scale_by_lsalr(lsalr_mask), learning_rate, weight_decay,
+                                 weight_decay_mask, momentum, nesterov)

@@ -123,9 +123,26 @@ def scale_amended_sgd(
     Zhang, Chen & Liu, *On the Local Hessian in Back-propagation*, NeurIPS 2018, §4 and
     supplement §D.
   """
+  return layerwise_sgd(scale_by_back_matching(specs), learning_rate, weight_decay,
+                       weight_decay_mask, momentum, nesterov)
+
+
+def layerwise_sgd(
+    scaling: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: Union[float, jax.Array],
+    weight_decay_mask: Optional[Union[Any, Any]],
+    momentum: Optional[float],
+    nesterov: bool,
+) -> optax.GradientTransformation:
+  """The shape shared by Table 1's layer-wise optimizers (SPEC §4).
+
+  ``add_decayed_weights`` (weight decay enters before any layer-wise scaling) ->
+  ``scaling`` -> ``trace`` (momentum, unless ``None``) -> ``scale_by_learning_rate``.
+  """
   return optax.chain(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      scale_by_back_matching(specs),
+      scaling,
       (optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
        else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),
