@@ -23,7 +23,6 @@ only, and a jaxpr sees through whatever module structure the user wrote.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax

@@ -6,7 +6,7 @@ transformation in :mod:`optax_bm.transform` only multiplies updates by what it r
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
-import flax.linen as nn
 
 import optax_bm
 from optax_bm import LayerSpec, UNSCALED

@@ -4,7 +4,6 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -63,14 +62,6 @@ def test_proposition_1_gradient_solver_is_gradient_descent():
   z_grads = jax.grad(lambda z: loss(fns[-1](params[-1], z)))(res.activations[-2])
   np.testing.assert_allclose(res.targets[-1] - res.activations[-2], -BATCH * z_grads,
                              rtol=1e-10, atol=1e-14)
-
-
-def _check_equivalence(fns, params, block_specs, specs, x, loss):
-  res = backmatching.back_matching_step(fns, params, x, loss, ETA, solver="scalar",
-                                        specs=block_specs)
-  grads = _full_gradient(fns, params, x, loss)
-  tx = optax_bm.scale_by_back_matching(specs)
-  return res, grads, tx
 
 
 def _nnx_equivalence(model, expected, hw=8):
