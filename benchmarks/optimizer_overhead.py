@@ -250,17 +250,20 @@ def vgg_params(name: str, width: float, seed: int = 0):
   return model, specs, params
 
 
-def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jnp.float32):
+def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jnp.float32,
+                         small_map_conv: Optional[bool] = None):
   """``(step_fn(state, images, labels) -> (state, metrics), state, source description)``.
 
   Always the trainer's own ``train.cifar.train_step`` with its optimizer factory (paper
   settings): the benchmark measures the step users run, and fails loudly if it breaks.
+  ``small_map_conv`` as in ``train.models.vgg`` (``None``: the trainer's default).
   """
   from train import cifar  # pylint: disable=import-outside-toplevel
   dtype_name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype]
   config = cifar.Config(model=model_name, width=width, optimizer=optimizer,
                         batch_size=BATCH, compute_dtype=dtype_name).resolved()
-  setup, state = cifar.create_train_state(config, NUM_CLASSES, 390)
+  setup, state = cifar.create_train_state(config, NUM_CLASSES, 390,
+                                          small_map_conv=small_map_conv)
   step = functools.partial(cifar.train_step, setup=setup)
   return step, state, "train.cifar.train_step (the trainer's step)"
 

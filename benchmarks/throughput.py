@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import glob
 import gzip
 import json
@@ -62,104 +61,6 @@ from train import models
 
 DATASET_SIZE = 50_000
 AUG_TARGET = 0.05
-
-# ---------------------------------------------------------------------------------------------
-# --small-map-conv: a prototype of a change PROPOSED for train/models.py (not applied there).
-#
-# On maps smaller than the 3×3 kernel (VGG's last blocks run on 2×2 maps), XLA's algebraic
-# simplifier swaps the convolution's operands (the 2×2 activations become the "kernel"); the
-# swapped convolution has no library lowering on XLA:CPU and runs in XLA's generic loop
-# emitter, about 100× slower than YNNPACK. Padding explicitly behind an optimization barrier
-# keeps the input 4×4, so nothing is swapped; a custom VJP does the same for the input
-# gradient. The primal is the plain SAME convolution, so `optax_bm.annotate` sees the same
-# jaxpr as before (same specs) and evaluation without gradients is unchanged.
-
-_DN = ("NHWC", "HWIO", "NHWC")
-
-
-def _pad_barrier(a):
-  return jax.lax.optimization_barrier(jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0))))
-
-
-def _conv_valid(x, w):
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
-
-
-@jax.custom_vjp
-def small_map_conv(x, w):
-  """3×3 SAME stride-1 convolution for maps smaller than 3×3, without operand swapping."""
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
-
-
-def _small_map_conv_fwd(x, w):
-  xp = _pad_barrier(x)
-  return _conv_valid(xp, w), (xp, w)
-
-
-def _small_map_conv_bwd(res, g):
-  xp, w = res
-  dx = _conv_valid(_pad_barrier(g), jnp.flip(w, (0, 1)).swapaxes(2, 3))
-  dw = jax.vjp(lambda w_: _conv_valid(xp, w_), w)[1](g)[0]
-  return dx, dw
-
-
-small_map_conv.defvjp(_small_map_conv_fwd, _small_map_conv_bwd)
-
-
-def _patched_conv_block_call(self, x):
-  conv = self.conv
-  if x.shape[1] < 3 or x.shape[2] < 3:
-    dtype = conv.dtype or x.dtype
-    y = small_map_conv(x.astype(dtype), conv.kernel[...].astype(dtype))
-  else:
-    y = conv(x)
-  x = nnx.relu(self.bn(y))
-  if self.pool:
-    x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
-  if self.flatten:
-    x = x.reshape(x.shape[0], -1)
-  return x
-
-
-@contextlib.contextmanager
-def small_map_conv_patch():
-  """Temporarily routes models.ConvBlock's small-map convolutions through small_map_conv."""
-  original = models.ConvBlock.__call__
-  models.ConvBlock.__call__ = _patched_conv_block_call
-  try:
-    yield
-  finally:
-    models.ConvBlock.__call__ = original
-
-
-def check_small_map_conv(model_name: str = "vgg16") -> str:
-  """Same specs, loss and gradients with and without the patch (small model, batch 8)."""
-  import optax_bm  # pylint: disable=import-outside-toplevel
-  model = models.vgg(model_name, oo.NUM_CLASSES, 0.125, rngs=nnx.Rngs(0))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  x, y = oo.fake_batch(batch=8)
-
-  def loss(p):
-    logits = nnx.merge(graphdef, p, rest, copy=True)(x)
-    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), y])
-
-  def run():
-    specs = optax_bm.annotate(model, oo.SAMPLE_SHAPE)
-    value, grads = jax.jit(jax.value_and_grad(loss))(params)
-    return specs, value, grads
-
-  specs0, l0, g0 = run()
-  with small_map_conv_patch():
-    specs1, l1, g1 = run()
-  err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-            for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
-  if specs0 != specs1 or err > 1e-4 or abs(float(l0 - l1)) > 1e-4:
-    raise RuntimeError(f"--small-map-conv prototype disagrees with train.models.ConvBlock "
-                       f"(specs equal {specs0 == specs1}, loss diff {float(l0 - l1):.2e}, max "
-                       f"relative gradient error {err:.2e}); the model changed?")
-  return (f"small-map conv check ({model_name}, width 0.125, batch 8): annotate specs equal, "
-          f"loss diff {abs(float(l0 - l1)):.1e}, max relative gradient error {err:.1e}")
-
 
 def counted_train_flops(model_name: str, width: float, batch: int) -> float:
   """2 · MACs of every conv/dense in the forward pass × 3, less the first layer's input grad."""
@@ -235,7 +136,7 @@ def profile_step(fn, state, images, labels, swapped: set, top: int = 12):
 
 def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
                 sample_s: float, matmul_n: int, profile: bool, variant: str = "",
-                useful_flops: Optional[float] = None) -> dict:
+                small_map_conv: Optional[bool] = None) -> dict:
   images_u8_all = jax.random.randint(jax.random.key(2), (DATASET_SIZE, 32, 32, 3), 0, 256,
                                      jnp.int32).astype(jnp.uint8)
   labels_all = jax.random.randint(jax.random.key(3), (DATASET_SIZE,), 0, oo.NUM_CLASSES,
@@ -244,8 +145,9 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
   x = data_lib.normalize(images_u8, "cifar10", dtype)
   aug_key = jax.random.key(4)
 
-  step, state, source = oo.train_state_and_step(model_name, width, optimizer, dtype)
-  _, state2, _ = oo.train_state_and_step(model_name, width, optimizer, dtype)
+  step, state, source = oo.train_state_and_step(model_name, width, optimizer, dtype,
+                                                 small_map_conv)
+  _, state2, _ = oo.train_state_and_step(model_name, width, optimizer, dtype, small_map_conv)
 
   def data_path(i, images):
     out = data_lib.normalize(data_lib.augment(jax.random.fold_in(aug_key, i), images),
@@ -282,8 +184,6 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   xla_flops = float((cost or {}).get("flops", float("nan")))
-  if useful_flops is not None:  # same work as the unpatched step (XLA counts padding taps)
-    xla_flops = useful_flops
   param_bytes = sum(int(v.nbytes) for v in jax.tree.leaves(state["params"]))
   hlo = oo.hlo_stats(compiled, param_bytes)
   swapped = swapped_conv_names(compiled)
@@ -345,10 +245,9 @@ def print_tables(results: list, reps: int) -> None:
           f"({r['matmul_n']}² {r['dtype']}) | {100 * r['util']['median']:.1f} % "
           f"[{100 * r['util']['q1']:.1f}-{100 * r['util']['q3']:.1f}] |")
   if any(r["model"].endswith("*") for r in results):
-    print("\n\\* with the convolution change proposed for train/models.py (prototype in "
-          "benchmarks/throughput.py, patched in for this row only): not the trainer's current "
-          "model. Its FLOPs are those of the unpatched step (same work; XLA would also count "
-          "the explicit padding's zero taps).")
+    print("\n\\* `small_map_conv=False`: every convolution through `lax.conv_general_dilated`, "
+          "i.e. the trainer's model before `train/small_map_conv.py` (for comparison; the "
+          "trainer uses the small-map path on the CPU backend).")
   print("\nutilization = (XLA cost-analysis FLOPs of the step / step time) / (matmul FLOPs / "
         "matmul time), per repetition, median [IQR].")
   print(f"\n### On-device data path, batch {oo.BATCH} (target: ≤ {100 * AUG_TARGET:g} % of the "
@@ -399,9 +298,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--reps", type=int, default=None, help="default 5, quick 3")
   p.add_argument("--sample-seconds", type=float, default=None, help="default 0.5, quick 0.1")
   p.add_argument("--matmul-n", type=int, default=2048)
-  p.add_argument("--small-map-conv", action="store_true",
-                 help="also measure each model with the convolution change proposed for "
-                      "train/models.py (prototype patched in at run time; see the README)")
+  p.add_argument("--plain-conv", action="store_true",
+                 help="also measure each model with small_map_conv=False (every convolution "
+                      "through lax.conv_general_dilated: the model before train/small_map_conv.py)")
   p.add_argument("--profile", dest="profile", action="store_true", default=None)
   p.add_argument("--no-profile", dest="profile", action="store_false")
   return p.parse_args(argv)
@@ -424,19 +323,16 @@ def main(argv=None) -> int:
           + ("" if accelerator else "; these are CPU figures, not representative of a GPU"))
   print(oo.load_line("at start"))
   results = []
-  if args.small_map_conv:
-    print(check_small_map_conv())
   models_arg = args.models if args.models is not None else ("vgg11" if args.quick else "vgg11,vgg16")
   for m in [m for m in models_arg.split(",") if m]:
     results.append(bench_model(m, width, args.optimizer, dtype, reps, sample_s, args.matmul_n,
                                profile))
     print(oo.load_line(f"after {m}"))
-    if args.small_map_conv:
-      with small_map_conv_patch():
-        results.append(bench_model(m, width, args.optimizer, dtype, reps, sample_s,
-                                   args.matmul_n, profile, variant=" + small-map conv*",
-                                   useful_flops=results[-1]["xla_flops"]))
-      print(oo.load_line(f"after {m} + small-map conv"))
+    if args.plain_conv:
+      results.append(bench_model(m, width, args.optimizer, dtype, reps, sample_s,
+                                 args.matmul_n, profile, variant=" plain lax.conv*",
+                                 small_map_conv=False))
+      print(oo.load_line(f"after {m} plain lax.conv"))
   print_tables(results, reps)
   print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
   return 0

@@ -14,7 +14,9 @@ the data flow from the parameters and the input:
 * ``s`` is the kernel op's output positions per example, ``c`` the block input's spatial
   positions over the spatial positions of the block output (its per-example size over the
   block's output channels, which counts a flattened map before flattening and a global pool
-  as one position).
+  as one position). The block input is measured before any explicit padding (``lax.pad``,
+  e.g. ``jnp.pad`` in constant mode, then a VALID convolution): SPEC §3 counts the positions
+  of ``z_{b-1}``, not of the padded operand.
 
 Written by hand because no library does it: Flax's ``nn.intercept_methods`` exists for Linen
 only, and a jaxpr sees through whatever module structure the user wrote.
@@ -35,10 +37,13 @@ from optax_bm.specs import CONV, DENSE, KERNEL, OTHER, UNSCALED, LayerSpec
 # Ops that keep a parameter "itself" (the kernel operand of a kernel op may pass through them).
 _PASSTHROUGH = frozenset({
     "convert_element_type", "reshape", "squeeze", "expand_dims", "broadcast_in_dim", "copy",
-    "copy_p", "reduce_precision", "sharding_constraint", "optimization_barrier",
+    "copy_p", "reduce_precision", "sharding_constraint",
 })
 _BATCH_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod",
                                "argmax", "argmin"})
+# One-operand ops an activation may pass through between explicit padding and the kernel op.
+_KEEP_UNPADDED = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
+                            "sharding_constraint"})
 # Call-like primitives whose body runs once with the same operands: inlined.
 _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call",
                     "custom_vjp_call", "custom_vjp_call_jaxpr", "checkpoint", "remat",
@@ -67,6 +72,7 @@ class _Info:
   param: Optional[int] = None  # the one parameter leaf it is (up to casts/reshapes)
   params: frozenset = frozenset()  # parameter leaves it depends on
   levels: frozenset = frozenset()  # activation levels: 0 = model input, b+1 = block b
+  unpadded: Optional[tuple] = None  # shape of the activations before explicit padding
 
 
 _CONST = _Info()
@@ -116,6 +122,8 @@ class _Tracer:
       for sub in subs:
         if len(sub.invars) == len(eqn.invars) and len(sub.outvars) == len(eqn.outvars):
           return self.run(sub, ins)
+    if name == "optimization_barrier":  # the identity on each operand
+      return list(ins)
     if subs and any(i.params for i in ins) and any(_contains_kernel_op(j) for j in subs):
       raise ValueError(
           f"optax_bm.annotate: parameters {self._param_names(ins)[:4]} enter a {name!r} "
@@ -145,6 +153,11 @@ class _Tracer:
       carriers = {i.param for i in ins if i.params}
       if len(carriers) == 1 and None not in carriers:
         param = carriers.pop()
+    if name == "pad" and ins[0].levels:
+      return [_Info(param, params, levels,
+                    ins[0].unpadded or tuple(eqn.invars[0].aval.shape))]
+    if name in _KEEP_UNPADDED and levels:
+      return [_Info(param, params, levels, ins[0].unpadded)]
     return [_Info(param, params, levels) for _ in eqn.outvars]
 
   def _kernel_operand(self, eqn, ins):
@@ -203,9 +216,10 @@ class _Tracer:
           f"optax_bm.annotate: the model is not a chain of blocks: kernel {path!r} (block "
           f"{level}) reads activations of levels {sorted(x_info.levels)} (0 = the input, b+1 = "
           f"block b), expected {where} only (skip connections and branches are not chains).")
-    self.next_inputs.setdefault(level, []).append(tuple(x_aval.shape))
-    self.kernels.append(_KernelOp(w_info.param, kind, tuple(x_aval.shape),
-                                  tuple(out_aval.shape), x_info.levels))
+    in_shape = x_info.unpadded or tuple(x_aval.shape)
+    self.next_inputs.setdefault(level, []).append(in_shape)
+    self.kernels.append(_KernelOp(w_info.param, kind, in_shape, tuple(out_aval.shape),
+                                  x_info.levels))
     return _Info(None, params, frozenset({level + 1}))
 
   def _maybe_batch_reduction(self, eqn, ins):

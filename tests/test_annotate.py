@@ -169,3 +169,35 @@ def test_kernels_annotate_cannot_see_are_errors_not_silent_misplacements():
     optax_bm.annotate(_StandardizedConv(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3)))
   with pytest.raises(ValueError, match=r"\['w'\] enter a 'scan'.*by hand"):
     optax_bm.annotate(_Scanned(nnx.Rngs(0)), jnp.zeros((2, 4)))
+
+
+class _ExplicitPadChain(nnx.Module):
+  """conv -> relu -> 2×2 pool, then conv; each conv SAME, or explicit zero padding + VALID."""
+
+  def __init__(self, explicit: bool, rngs):
+    pad = "VALID" if explicit else "SAME"
+    self.explicit = explicit
+    self.a = nnx.Conv(3, 4, (3, 3), padding=pad, rngs=rngs)
+    self.b = nnx.Conv(4, 5, (3, 3), padding=pad, rngs=rngs)
+    self.fc = nnx.Linear(5 * 4 * 4, 2, rngs=rngs)
+
+  def _pad(self, x):
+    if not self.explicit:
+      return x
+    return jax.lax.optimization_barrier(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(self._pad(x)))
+    h = nnx.max_pool(h, (2, 2), (2, 2))
+    h = nnx.relu(self.b(self._pad(h).astype(jnp.bfloat16).astype(jnp.float32)))
+    return self.fc(h.reshape(h.shape[0], -1))
+
+
+def test_block_input_is_counted_before_explicit_padding():
+  """SPEC §3's c counts z_{b-1}'s positions: jnp.pad + VALID conv annotates like SAME."""
+  x = jnp.zeros((2, 8, 8, 3))
+  want = optax_bm.annotate(_ExplicitPadChain(False, nnx.Rngs(0)), x)
+  got = optax_bm.annotate(_ExplicitPadChain(True, nnx.Rngs(0)), x)
+  assert _block_table(want) == [("conv", 64, 4.0, False), ("conv", 16, 1.0, False),
+                                ("dense", 1, 1.0, False)]
+  assert got == want

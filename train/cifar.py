@@ -131,17 +131,21 @@ class Setup(NamedTuple):
   dtype: Any
 
 
-def create_model(config: Config, num_classes: int, rngs: nnx.Rngs) -> models.VGG:
+def create_model(config: Config, num_classes: int, rngs: nnx.Rngs,
+                 small_map_conv: Optional[bool] = None) -> models.VGG:
   return models.vgg(config.model, num_classes, width=config.width,
-                    dtype=DTYPES[config.compute_dtype], rngs=rngs)
+                    dtype=DTYPES[config.compute_dtype], rngs=rngs,
+                    small_map_conv=small_map_conv)
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(model: str, num_classes: int, width: float, compute_dtype: str):
+def _init_fn(model: str, num_classes: int, width: float, compute_dtype: str,
+             small_map_conv: Optional[bool]):
   """A jitted ``key -> model``: initialized in one compiled call (eagerly, every initializer
   op compiles on its own: ~10 s for VGG11 on a CPU), compiled once per architecture."""
   return nnx.jit(lambda key: models.vgg(model, num_classes, width=width,
-                                        dtype=DTYPES[compute_dtype], rngs=nnx.Rngs(key)))
+                                        dtype=DTYPES[compute_dtype], rngs=nnx.Rngs(key),
+                                        small_map_conv=small_map_conv))
 
 
 def create_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -177,18 +181,19 @@ def create_optimizer(config: Config, schedule: optax.Schedule,
                    f"{', '.join(OPTIMIZERS)}")
 
 
-def create_train_state(config: Config, num_classes: int,
-                       steps_per_epoch: int) -> tuple[Setup, dict]:
+def create_train_state(config: Config, num_classes: int, steps_per_epoch: int, *,
+                       small_map_conv: Optional[bool] = None) -> tuple[Setup, dict]:
   """Builds the model and optimizer; returns the static setup and the (host) train state.
 
   The state is ``{"step", "params", "batch_stats", "opt_state"}`` (plain pytrees of arrays,
   parameter paths as in ``nnx.state(model, nnx.Param)``), on the default device; see
   :func:`replicate` to place it on a mesh. ``config`` may leave lr / weight decay unset (the
-  paper's values are filled in).
+  paper's values are filled in). ``small_map_conv`` is :func:`train.models.vgg`'s (default:
+  on the CPU backend only); an implementation choice, not part of the config.
   """
   config = config.resolved()
-  model = _init_fn(config.model, num_classes, config.width, config.compute_dtype)(
-      jax.random.key(config.seed))
+  model = _init_fn(config.model, num_classes, config.width, config.compute_dtype,
+                   small_map_conv)(jax.random.key(config.seed))
   specs = None
   if config.optimizer == "scale_amended":
     import optax_bm  # pylint: disable=import-outside-toplevel

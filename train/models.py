@@ -12,15 +12,22 @@ bias: BatchNorm's offset follows each one, so a bias would be redundant.
 
 Compute dtype and parameter dtype are separate: ``dtype=jnp.bfloat16`` computes in bf16 with
 fp32 parameters (and fp32 BatchNorm statistics); the logits are returned in fp32.
+
+On the CPU backend the convolutions on 2×2 maps go through
+:func:`train.small_map_conv.conv_general_dilated` (the same convolution computed as one matrix
+product; XLA:CPU otherwise runs it 30× slower, see that module). ``small_map_conv=`` forces
+it on or off; parameters, annotations and results do not depend on it beyond float rounding.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from train import small_map_conv as small_map_conv_lib
 
 # Channels per conv layer, "M" = 2×2 max-pool after the previous conv.
 CFGS: dict[str, tuple] = {
@@ -43,9 +50,12 @@ class ConvBlock(nnx.Module):
   """conv 3×3 SAME -> BatchNorm -> ReLU [-> max-pool 2×2] [-> flatten]."""
 
   def __init__(self, in_features: int, out_features: int, *, pool: bool, flatten: bool,
-               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs, small_map_conv: bool = False):
+    conv_fn = (small_map_conv_lib.conv_general_dilated if small_map_conv
+               else jax.lax.conv_general_dilated)
     self.conv = nnx.Conv(in_features, out_features, kernel_size=(3, 3), padding="SAME",
-                         use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                         use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                         conv_general_dilated=conv_fn, rngs=rngs)
     self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
                             param_dtype=param_dtype, rngs=rngs)
     self.pool = pool
@@ -70,7 +80,8 @@ class VGG(nnx.Module):
 
   def __init__(self, cfg: Sequence[Union[int, str]], num_classes: int, *, width: float = 1.0,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-               in_features: int = 3, image_size: int = 32, rngs: nnx.Rngs):
+               in_features: int = 3, image_size: int = 32, rngs: nnx.Rngs,
+               small_map_conv: Optional[bool] = None):
     if width <= 0:
       raise ValueError(f"width must be positive, got {width}")
     convs = []  # (out_features, pool_after)
@@ -85,11 +96,14 @@ class VGG(nnx.Module):
     if image_size % (2 ** pools):
       raise ValueError(f"image size {image_size} is not divisible by 2**{pools}")
     final_hw = image_size // 2 ** pools
+    if small_map_conv is None:
+      small_map_conv = jax.default_backend() == "cpu"
     blocks = []
     cin = in_features
     for i, (cout, pool) in enumerate(convs):
       blocks.append(ConvBlock(cin, cout, pool=pool, flatten=i == len(convs) - 1, dtype=dtype,
-                              param_dtype=param_dtype, rngs=rngs))
+                              param_dtype=param_dtype, rngs=rngs,
+                              small_map_conv=small_map_conv))
       cin = cout
     self.blocks = nnx.List(blocks)
     self.classifier = nnx.Linear(cin * final_hw * final_hw, num_classes, dtype=dtype,
@@ -104,7 +118,8 @@ class VGG(nnx.Module):
 
 
 def vgg(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float32, *,
-        rngs: nnx.Rngs, param_dtype: Any = jnp.float32) -> VGG:
+        rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+        small_map_conv: Optional[bool] = None) -> VGG:
   """VGG11/13/16/19 with BatchNorm for 32×32 inputs.
 
   Args:
@@ -114,6 +129,9 @@ def vgg(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float3
     dtype: compute dtype (``jnp.float32`` or ``jnp.bfloat16``).
     rngs: initialization randomness.
     param_dtype: parameter dtype (fp32 by default, also in bf16 compute).
+    small_map_conv: compute the convolutions on 2×2 maps as matrix products
+      (:mod:`train.small_map_conv`); ``None`` (default): on the CPU backend only, where XLA's
+      own lowering of them is slow. Untested for speed on GPU/TPU, hence off there.
 
   Returns:
     A :class:`VGG` in training mode.
@@ -122,4 +140,4 @@ def vgg(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float3
   if key not in CFGS:
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
   return VGG(CFGS[key], num_classes, width=width, dtype=dtype, param_dtype=param_dtype,
-             rngs=rngs)
+             rngs=rngs, small_map_conv=small_map_conv)
