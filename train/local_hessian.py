@@ -38,7 +38,6 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
