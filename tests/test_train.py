@@ -241,6 +241,22 @@ def test_schedules():
   assert cifar.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
 
 
+def test_cpu_xla_flags_added_without_overriding_the_users():
+  env = {}
+  cifar.set_cpu_xla_flags(env)
+  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
+  cifar.set_cpu_xla_flags(env)  # idempotent
+  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  cifar.set_cpu_xla_flags(env)
+  assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                      *cifar.CPU_XLA_FLAGS]
+  mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  env = {"XLA_FLAGS": mine}
+  cifar.set_cpu_xla_flags(env)
+  assert env["XLA_FLAGS"] == mine  # the user's own value wins
+
+
 # ----------------------------------------------------------------------------------------
 # Command line: multi-process, crash and resume, bad input
 

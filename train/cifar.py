@@ -72,6 +72,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 DATA_AXIS = "data"
 
+# XLA:CPU's concurrency-optimized scheduler orders independent ops so they can run at the same
+# time; on a few cores two YNNPACK convolutions then contend for the same cores and caches.
+# Turned off, a full-width VGG11 step ran 4-8 % faster here and VGG16 the same
+# (benchmarks/README.md). Only XLA:CPU reads this flag: GPU and TPU compilations are unaffected.
+CPU_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
+
 
 class UsageError(ValueError):
   """Bad command-line input; reported as one line, exit code 2."""
@@ -364,9 +370,11 @@ class EpochRunner:
 
   ``steps_per_call=0`` puts a whole epoch (and the whole evaluation) into one call (a
   ``lax.scan``): the best choice on GPUs/TPUs. On XLA:CPU a convolution network inside a
-  ``while`` loop runs several times slower than the same step called from Python (measured
-  here: VGG11 at width 1/8, 0.65–0.97 s per step in a scan vs 0.11–0.12 s per call), so the
-  default there is one step per call. Either way nothing syncs with the host inside an
+  ``while`` loop runs many times slower than the same step called from Python (measured
+  here: VGG11 at width 1/4 on the sample, 72 images/s in an epoch scan vs 1005 per call):
+  inside the loop body XLA:CPU leaves the first convolution and most backward convolutions
+  (12 of VGG11's 17) to its generic loop emitter instead of YNNPACK. So the default there
+  is one step per call. Either way nothing syncs with the host inside an
   epoch: calls are dispatched asynchronously and the metric sums stay on the device until
   the epoch's end. All functions are compiled ahead of time (:meth:`compile`).
   """
@@ -796,8 +804,22 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 test_subset=args.test_subset)
 
 
+def set_cpu_xla_flags(environ=os.environ) -> None:
+  """Adds :data:`CPU_XLA_FLAGS` to ``$XLA_FLAGS``, leaving alone any flag the user already set.
+
+  XLA reads ``$XLA_FLAGS`` once, when the first backend starts, so this must run before the
+  process's first JAX computation (``jax.jit(..., compiler_options=...)`` does not reach this
+  scheduler flag: the compiled schedule stays the same).
+  """
+  flags = environ.get("XLA_FLAGS", "").split()
+  names = {f.split("=", 1)[0] for f in flags}
+  flags += [f for f in CPU_XLA_FLAGS if f.split("=", 1)[0] not in names]
+  environ["XLA_FLAGS"] = " ".join(flags)
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  set_cpu_xla_flags()
   try:
     if args.distributed or args.coordinator_address or args.num_processes:
       jax.distributed.initialize(coordinator_address=args.coordinator_address,
