@@ -20,6 +20,10 @@ disturbed by other processes on a shared machine); a target verdict uses the med
 retracing). The load average is printed before and after each section because the machine
 may be shared.
 
+The whole step is measured as the trainer runs it, with the trainer's XLA:CPU flags
+(``train.cifar.CPU_XLA_FLAGS``: the concurrency-optimized scheduler off);
+``--xla-default-scheduler`` keeps XLA's default.
+
 Usage::
 
   python benchmarks/optimizer_overhead.py            # update at width 1, steps at width 1
@@ -88,7 +92,8 @@ def machine_line() -> str:
   kind = "CPU" if dev.platform == "cpu" else dev.device_kind
   return (f"machine: {cpu_model()}, {os.cpu_count()} cores; jax {jax.__version__}, backend "
           f"{jax.default_backend()} ({len(jax.devices())} device(s), {kind}); "
-          f"{'CPU figures' if dev.platform == 'cpu' else 'accelerator figures'}")
+          f"{'CPU figures' if dev.platform == 'cpu' else 'accelerator figures'}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
 
 
 def load_line(when: str) -> str:
@@ -428,20 +433,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated subset (SGD is always measured: it is the baseline)")
   p.add_argument("--reps", type=int, default=None, help="repetitions of the update alone (default 9, quick 5)")
   p.add_argument("--step-reps", type=int, default=None,
-                 help="repetitions of the whole step (default 5, quick 3)")
+                 help="repetitions of the whole step (default 11, quick 3)")
   p.add_argument("--sample-seconds", type=float, default=None,
                  help="target length of one sample (default 0.5, quick 0.2)")
   p.add_argument("--skip-update", action="store_true")
   p.add_argument("--skip-steps", action="store_true")
+  p.add_argument("--xla-default-scheduler", action="store_true",
+                 help="keep XLA:CPU's concurrency-optimized scheduler (the trainer turns it off: "
+                      "train.cifar.CPU_XLA_FLAGS)")
   p.add_argument("--dump-hlo", default=None, help="write the updates' optimized HLO here")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if not args.xla_default_scheduler:
+    from train import cifar  # pylint: disable=import-outside-toplevel
+    cifar.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
   width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
   reps = args.reps or (5 if args.quick else 9)
-  step_reps = args.step_reps or (3 if args.quick else 5)
+  step_reps = args.step_reps or (3 if args.quick else 11)
   sample_s = args.sample_seconds if args.sample_seconds is not None else (0.2 if args.quick else 0.5)
   names = ["sgd"] + [n for n in args.optimizers.split(",") if n and n != "sgd"]
   unknown = [n for n in names if n not in OPTIMIZERS]

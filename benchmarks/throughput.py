@@ -19,8 +19,15 @@ The step's FLOPs come from XLA's cost analysis of the compiled step
 gradients, less the first layer's unneeded input gradient) is printed next to it.
 
 ``--profile`` (default on, off with ``--quick``) traces one step with ``jax.profiler`` and
-prints the ops that take the most time, with the share of the step spent in convolutions
-that XLA:CPU could not hand to a library (operand-swapped convolutions on 2×2 maps).
+prints where its time goes: op time by kind (forward, input-gradient and weight-gradient
+convolutions, matrix products, max-pool, BatchNorm reductions, transposed copies, elementwise;
+each HLO instruction classified from the compiled module), the ops that take the most time,
+and the share spent in convolutions that XLA:CPU could not hand to a library
+(operand-swapped convolutions on 2×2 maps; none since ``train/small_map_conv.py``, see
+``--plain-conv``).
+
+Like the trainer, the script turns off XLA:CPU's concurrency-optimized scheduler
+(``train.cifar.CPU_XLA_FLAGS``); ``--xla-default-scheduler`` keeps it.
 
 bf16: ``--dtype auto`` computes in bf16 (parameters f32) on a GPU/TPU and f32 on a CPU; that
 path is written for accelerators but **untested on GPU** (none was available).
@@ -29,6 +36,7 @@ Usage::
 
   python benchmarks/throughput.py              # VGG11 + VGG16, full width
   python benchmarks/throughput.py --quick      # CI scale: VGG11 at width 1/8, 3 reps, no profile
+  python benchmarks/throughput.py --plain-conv # + each model without train/small_map_conv.py
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import sys
 import tempfile
 import time
@@ -110,8 +119,77 @@ def swapped_conv_names(compiled) -> set:
   return names
 
 
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(")
+_HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+
+
+def classify_ops(hlo_text: str, kernel_shapes) -> dict:
+  """HLO instruction name -> (kind, output shape) for a profile's time breakdown.
+
+  A fusion is classified by what its called computation contains (a convolution, a dot, a
+  window reduction, ...). A convolution whose output holds a kernel's dimensions (in any
+  order: ``kernel_shapes`` are the model's conv kernel shapes) is a weight gradient; else the
+  JAX op name in its metadata tells the backward pass (``transpose(jvp())``: an input
+  gradient) from the forward one. Convolutions XLA made itself carry no op name.
+  """
+  kernels = {tuple(sorted(s)) for s in kernel_shapes}
+  comps, cur = collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    h = _HEADER.match(line)
+    if h:
+      cur = h.group(1)
+      continue
+    m = _INSTR.match(line)
+    if m and cur:
+      calls = re.search(r"calls=%([\w.\-]+)", line)
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      comps[cur].append((m.group(1), m.group(2).lstrip("(").split("{")[0], m.group(3),
+                         calls.group(1) if calls else None,
+                         op_name.group(1) if op_name else "", line.lstrip().startswith("ROOT")))
+
+  def inner(comp, depth=0):  # every (op, shape, op_name, is_root) inside, fusions flattened
+    out = []
+    for _, shape, op, calls, op_name, root in comps.get(comp, ()):
+      out.append((op, shape, op_name, root))
+      if calls and depth < 4:
+        out += inner(calls, depth + 1)
+    return out
+
+  def category(op, shape, calls):
+    body = [(op, shape, "", True)] + (inner(calls) if calls else [])
+    ops = {o for o, *_ in body}
+    conv = next((b for b in body if b[0] == "convolution"), None)
+    if conv:
+      _, cshape, cname, _ = conv
+      dims = tuple(sorted(int(d) for d in re.findall(r"\d+", cshape.split("[", 1)[-1])))
+      if dims in kernels:
+        return "conv, weight gradient", cshape
+      if not cname:
+        return "conv, no op name (rewritten by XLA)", cshape
+      return ("conv, input gradient" if "transpose(" in cname else "conv, forward"), cshape
+    if "dot" in ops:
+      return "matmul (dense layers, small-map convs)", shape
+    if ops & {"reduce-window", "select-and-scatter"}:
+      return "max-pool, forward and backward", shape
+    roots = [o for o, _, _, r in body[1:] if r] or [op]
+    if roots[-1] in ("copy", "transpose") and "transpose" in ops:
+      return "transposed copy for a conv (+ fused elementwise)", shape
+    if "reduce" in ops:
+      return "reduction: BN statistics, norms (+ fused elementwise)", shape
+    return "elementwise: BN apply, ReLU, update; copies", shape
+
+  names = {}
+  for comp, instrs in comps.items():
+    for name, shape, op, calls, _, _ in instrs:
+      if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
+        continue
+      names[name] = category(op, shape, calls)
+  return names
+
+
 def profile_step(fn, state, images, labels, swapped: set, top: int = 12):
-  """Traces one call; returns (state, wall seconds, [(ms, count, name)], ms in swapped convs)."""
+  """Traces one call; returns (state, wall seconds, [(ms, count, name)], ms in swapped convs,
+  {name: ms} of every traced op)."""
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       t0 = time.perf_counter()
@@ -120,18 +198,19 @@ def profile_step(fn, state, images, labels, swapped: set, top: int = 12):
       wall = time.perf_counter() - t0
     paths = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
-      return state, wall, [], float("nan")
+      return state, wall, [], float("nan"), {}
     with gzip.open(paths[0]) as f:
       events = json.load(f).get("traceEvents", [])
   total, count = collections.defaultdict(float), collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if e.get("ph") != "X" or "::" in name or name.startswith("$"):
-      continue  # runtime wrappers and Python frames
+    if (e.get("ph") != "X" or "::" in name or name.startswith("$")
+        or name.startswith("PjitFunction(")):
+      continue  # runtime wrappers, Python frames, the whole call
     total[name] += e.get("dur", 0.0) / 1e3
     count[name] += 1
   rows = sorted(((ms, count[n], n) for n, ms in total.items()), reverse=True)[:top]
-  return state, wall, rows, sum(total.get(n, 0.0) for n in swapped)
+  return state, wall, rows, sum(total.get(n, 0.0) for n in swapped), dict(total)
 
 
 def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
@@ -185,6 +264,7 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
     cost = cost[0] if cost else {}
   xla_flops = float((cost or {}).get("flops", float("nan")))
   param_bytes = sum(int(v.nbytes) for v in jax.tree.leaves(state["params"]))
+  kernel_shapes = [v.shape for v in jax.tree.leaves(state["params"]) if v.ndim == 4]
   hlo = oo.hlo_stats(compiled, param_bytes)
   swapped = swapped_conv_names(compiled)
   mm_cost = mm_fn.lower(a, b).compile().cost_analysis()
@@ -205,10 +285,19 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
 
   prof = None
   if profile:
-    st, wall, rows, swapped_ms = profile_step(step_fn, chains["step"].carry[0], x, labels,
-                                              swapped)
+    st, wall, rows, swapped_ms, op_ms = profile_step(step_fn, chains["step"].carry[0], x,
+                                                     labels, swapped)
     chains["step"].carry = (st,)
-    prof = {"wall": wall, "rows": rows, "swapped_ms": swapped_ms, "n_swapped": len(swapped)}
+    kinds = classify_ops(compiled.as_text(), kernel_shapes)
+    by_kind = collections.defaultdict(lambda: [0.0, 0])
+    for name, ms in op_ms.items():
+      k = kinds.get(name, ("other (not an HLO instruction name)", ""))[0]
+      by_kind[k][0] += ms
+      by_kind[k][1] += 1
+    rows = [(ms, n, name, kinds.get(name, ("-", ""))) for ms, n, name in rows]
+    prof = {"wall": wall, "rows": rows,
+            "swapped_ms": swapped_ms, "n_swapped": len(swapped),
+            "by_kind": sorted(((v[0], v[1], k) for k, v in by_kind.items()), reverse=True)}
 
   q = {n: oo.quantiles(t) for n, t in times.items()}
   step_t, mm_t = np.asarray(times["step"]), np.asarray(times["matmul"])
@@ -280,9 +369,15 @@ def print_tables(results: list, reps: int) -> None:
       print(f"\nprofile of one {r['model']} step ({p['wall'] * 1e3:.0f} ms wall, traced): "
             f"{p['n_swapped']} operand-swapped convolutions took {p['swapped_ms']:.0f} ms "
             f"= {100 * p['swapped_ms'] / max(p['wall'] * 1e3, 1e-9):.0f} % of the step")
-      print("\n| op (HLO instruction) | ms | calls |\n|---|---|---|")
-      for ms, n, name in p["rows"]:
-        print(f"| {name[:70]} | {ms:.1f} | {n} |")
+      total = sum(ms for ms, _, _ in p["by_kind"])
+      print(f"\ntraced op time by kind ({total:.0f} ms in all; ops may overlap, so this can "
+            "exceed the wall time):\n")
+      print("| kind of op | ms | share of op time | ops |\n|---|---|---|---|")
+      for ms, n, k in p["by_kind"]:
+        print(f"| {k} | {ms:.1f} | {100 * ms / max(total, 1e-9):.1f} % | {n} |")
+      print("\n| op (HLO instruction) | kind | output | ms | calls |\n|---|---|---|---|---|")
+      for ms, n, name, (kind, shape) in p["rows"]:
+        print(f"| {name[:50]} | {kind} | {shape} | {ms:.1f} | {n} |")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -301,6 +396,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--plain-conv", action="store_true",
                  help="also measure each model with small_map_conv=False (every convolution "
                       "through lax.conv_general_dilated: the model before train/small_map_conv.py)")
+  p.add_argument("--xla-default-scheduler", action="store_true",
+                 help="keep XLA:CPU's concurrency-optimized scheduler (the trainer turns it off: "
+                      "train.cifar.CPU_XLA_FLAGS)")
   p.add_argument("--profile", dest="profile", action="store_true", default=None)
   p.add_argument("--no-profile", dest="profile", action="store_false")
   return p.parse_args(argv)
@@ -308,6 +406,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if not args.xla_default_scheduler:
+    from train import cifar  # pylint: disable=import-outside-toplevel
+    cifar.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
   width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
   reps = args.reps or (3 if args.quick else 5)
   sample_s = args.sample_seconds if args.sample_seconds is not None else (0.1 if args.quick else 0.5)

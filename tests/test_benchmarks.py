@@ -1,4 +1,5 @@
-"""Smoke tests: both benchmarks run with --quick at a tiny width, exit 0 and print their tables.
+"""Smoke tests: both benchmarks run with --quick at a tiny width, exit 0 and print their tables
+(throughput with its profile).
 
 Both scripts start together in fresh processes (XLA compiles mostly on one core, so the pair
 takes about as long as the slower one, about a minute on an idle 2-core CPU), without the
@@ -19,7 +20,7 @@ RUNS = {
     "optimizer_overhead.py": ("--update-width", "0.0625", "--models", "vgg11",
                               "--optimizers", "sgd,scale_amended", "--reps", "2",
                               "--step-reps", "2"),
-    "throughput.py": ("--models", "vgg11", "--reps", "2", "--matmul-n", "512"),
+    "throughput.py": ("--models", "vgg11", "--reps", "2", "--matmul-n", "512", "--profile"),
 }
 
 
@@ -55,6 +56,7 @@ def test_optimizer_overhead_quick(runs):
   assert "| optax_bm.scale_amended_sgd |" in out
   assert "| vgg11 | optax_bm.scale_amended_sgd |" in out
   assert "width 0.0625 (NOT full width)" in out
+  assert "XLA_FLAGS='--xla_cpu_enable_concurrency_optimized_scheduler=false'" in out
 
 
 def test_throughput_quick(runs):
@@ -64,3 +66,9 @@ def test_throughput_quick(runs):
   assert "### On-device data path" in out
   assert "| vgg11 | 0.0625 | float32 |" in out
   assert "augment + normalize" in out
+  assert "XLA_FLAGS='--xla_cpu_enable_concurrency_optimized_scheduler=false'" in out
+  # The profile's breakdown finds the step's three kinds of convolution, and no swapped ones.
+  assert "traced op time by kind" in out
+  for kind in ("conv, forward", "conv, input gradient", "conv, weight gradient"):
+    assert f"| {kind} |" in out, kind
+  assert "0 operand-swapped convolutions took 0 ms" in out
