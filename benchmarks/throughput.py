@@ -130,7 +130,7 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
   window reduction, ...). A convolution whose output holds a kernel's dimensions (in any
   order: ``kernel_shapes`` are the model's conv kernel shapes) is a weight gradient; else the
   JAX op name in its metadata tells the backward pass (``transpose(jvp())``: an input
-  gradient) from the forward one. Convolutions XLA made itself carry no op name.
+  gradient) from the forward one. Convolutions XLA rewrote (operand-swapped) have no op name.
   """
   kernels = {tuple(sorted(s)) for s in kernel_shapes}
   comps, cur = collections.defaultdict(list), None
