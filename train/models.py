@@ -15,7 +15,7 @@ fp32 parameters (and fp32 BatchNorm statistics); the logits are returned in fp32
 
 On the CPU backend the convolutions on 2×2 maps go through
 :func:`train.small_map_conv.conv_general_dilated` (the same convolution computed as one matrix
-product; XLA:CPU otherwise runs it 30× slower, see that module). ``small_map_conv=`` forces
+product; XLA:CPU otherwise runs it 30-40× slower, see that module). ``small_map_conv=`` forces
 it on or off; parameters, annotations and results do not depend on it beyond float rounding.
 """
 

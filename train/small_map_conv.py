@@ -3,8 +3,8 @@
 Why: VGG's last blocks convolve 2×2 maps with 3×3 SAME kernels. XLA's algebraic simplifier
 then swaps the convolution's operands (the 2×2 activations become the "kernel"), and XLA:CPU
 has no library lowering for the swapped convolution: it runs in XLA's generic loop emitter,
-about 30× slower than a matrix product of the same FLOPs, in the forward pass and again in the
-input gradient (75 % of a full-width VGG11 training step; ``benchmarks/README.md``).
+30-40× slower than this module's matrix product, in the forward pass and again in the input
+gradient (about three quarters of a full-width VGG11 training step; ``benchmarks/README.md``).
 
 What: on such a map every output position sees every input position, so the convolution *is*
 one matrix product,
