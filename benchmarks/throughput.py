@@ -130,7 +130,7 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
   window reduction, ...). A convolution whose output holds a kernel's dimensions (in any
   order: ``kernel_shapes`` are the model's conv kernel shapes) is a weight gradient; else the
   JAX op name in its metadata tells the backward pass (``transpose(jvp())``: an input
-  gradient) from the forward one. Convolutions XLA rewrote (operand-swapped) have no op name.
+  gradient) from the forward one.
   """
   kernels = {tuple(sorted(s)) for s in kernel_shapes}
   comps, cur = collections.defaultdict(list), None
@@ -146,6 +146,7 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
       comps[cur].append((m.group(1), m.group(2).lstrip("(").split("{")[0], m.group(3),
                          calls.group(1) if calls else None,
                          op_name.group(1) if op_name else "", line.lstrip().startswith("ROOT")))
+  op_names = {name: op_name for instrs in comps.values() for name, _, _, _, op_name, _ in instrs}
 
   def inner(comp, depth=0):  # every (op, shape, op_name, is_root) inside, fusions flattened
     out = []
@@ -155,8 +156,8 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
         out += inner(calls, depth + 1)
     return out
 
-  def category(op, shape, calls):
-    body = [(op, shape, "", True)] + (inner(calls) if calls else [])
+  def category(name, op, shape, calls):
+    body = [(op, shape, op_names[name], True)] + (inner(calls) if calls else [])
     ops = {o for o, *_ in body}
     conv = next((b for b in body if b[0] == "convolution"), None)
     if conv:
@@ -165,7 +166,7 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
       if dims in kernels:
         return "conv, weight gradient", cshape
       if not cname:
-        return "conv, no op name (rewritten by XLA)", cshape
+        return "conv, no op name", cshape
       return ("conv, input gradient" if "transpose(" in cname else "conv, forward"), cshape
     if "dot" in ops:
       return "matmul (dense layers, small-map convs)", shape
@@ -183,7 +184,7 @@ def classify_ops(hlo_text: str, kernel_shapes) -> dict:
     for name, shape, op, calls, _, _ in instrs:
       if op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
         continue
-      names[name] = category(op, shape, calls)
+      names[name] = category(name, op, shape, calls)
   return names
 
 

@@ -71,4 +71,5 @@ def test_throughput_quick(runs):
   assert "traced op time by kind" in out
   for kind in ("conv, forward", "conv, input gradient", "conv, weight gradient"):
     assert f"| {kind} |" in out, kind
+  assert "| conv, no op name |" not in out  # every convolution's JAX op name was found
   assert "0 operand-swapped convolutions took 0 ms" in out
