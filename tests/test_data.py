@@ -1,12 +1,16 @@
 """Tests for train/data.py: the three ways in, the archive checks, and the on-device pipeline.
 
 Nothing here touches the network: the tfds path runs with a fake module and a mocked probe,
-and the probe itself is tried on loopback sockets only.
+and, where tensorflow-datasets and TensorFlow are installed (``pip install -e ".[tfds]"``),
+with the real tfds code on a data directory prepared offline from the shipped sample; the
+probe itself is tried on loopback sockets only. Shared data is found relative to the
+repository root, as ``../shared``.
 """
 
 import gzip
 import hashlib
 import importlib.machinery
+import importlib.util
 import io
 import os
 import pathlib
@@ -27,8 +31,21 @@ import pytest
 from train import data
 
 SAMPLE_ARCHIVE = data.SAMPLE_DIR / "cifar-10-python.tar.gz"
-MINI_DIR = pathlib.Path(os.environ.get("CIFAR10_MINI_DIR", "/work/shared/data/cifar10-mini"))
-needs_mini = pytest.mark.skipif(not MINI_DIR.is_dir(), reason=f"no cifar10-mini at {MINI_DIR}")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"  # ../shared beside the repository, as in CI
+MINI_DIR = SHARED_DATA / "cifar10-mini"
+FULL_C10_DIR = SHARED_DATA / "cifar10" / "cifar-10-batches-py"
+
+
+def needs_shared(path, *names):
+  missing = [str(path / n) for n in names if not (path / n).exists()] or (
+      [] if path.is_dir() else [str(path)])
+  return pytest.mark.skipif(bool(missing), reason="shared data missing (expected beside the "
+                            f"repository as ../shared): {', '.join(missing)}")
+
+
+needs_mini = needs_shared(MINI_DIR, "cifar-10-python.tar.gz", "cifar-10-binary.tar.gz")
+needs_full_c10 = needs_shared(FULL_C10_DIR, *data.OFFICIAL_FILE_MD5["cifar-10-batches-py"])
 C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 
 
@@ -167,9 +184,42 @@ def test_mini_archives_need_the_subset_path(tmp_path):
     with tarfile.open(MINI_DIR / name) as tar:
       tar.extractall(tmp_path, filter="data")
   for directory in ("cifar-10-batches-py", "cifar-10-batches-bin"):
-    assert_same_arrays(data.load_cifar("cifar10", tmp_path / directory, allow_subset=True), python)
-    with pytest.raises(data.DataError, match="4085 train / 817 test images, but the official"):
-      data.load_cifar("cifar10", tmp_path / directory)
+    got = data.load_cifar("cifar10", tmp_path / directory, allow_subset=True)
+    assert_same_arrays(got, python)
+    assert got.checksum == python.checksum  # the same data, whatever its format and path
+  assert "6 of 6 files differ from the official ones" in data.load_cifar(
+      "cifar10", tmp_path / "cifar-10-batches-py", allow_subset=True).source
+  with pytest.raises(data.DataError, match="data_batch_1: MD5 [0-9a-f]{32}, expected "
+                     "c99cafc152244af753f735de768cd75f .*5 more of its 6 files differ.*"
+                     "--allow-subset"):
+    data.load_cifar("cifar10", tmp_path / "cifar-10-batches-py")
+  with pytest.raises(data.DataError, match="4085 train / 817 test images, but the official"):
+    data.load_cifar("cifar10", tmp_path / "cifar-10-batches-bin")
+
+
+@needs_full_c10
+def test_full_extracted_cifar10_is_md5_verified(tmp_path):
+  full = data.load_cifar("cifar10", FULL_C10_DIR)
+  assert (len(full.train_labels), len(full.test_labels)) == data.OFFICIAL_COUNTS
+  assert "per-file MD5 verified" in full.source and full.kind == "directory"
+  assert full.source.startswith("cifar10 from ../shared/data/cifar10/cifar-10-batches-py ")
+  np.testing.assert_array_equal(np.bincount(full.test_labels), [1000] * 10)
+  # The same files by another path (a directory of links): the same data, the same checksum.
+  copy = tmp_path / "cifar-10-batches-py"
+  copy.mkdir()
+  for name in data.OFFICIAL_FILE_MD5["cifar-10-batches-py"]:
+    (copy / name).symlink_to(FULL_C10_DIR / name)
+  assert data.load_cifar("cifar10", tmp_path).checksum == full.checksum
+  # One modified image in an otherwise official test batch: structurally valid, not official.
+  (copy / "test_batch").unlink()
+  batch = pickle.loads((FULL_C10_DIR / "test_batch").read_bytes(), encoding="latin1")
+  batch["data"][0, 0] ^= 1
+  (copy / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+  with pytest.raises(data.DataError, match=f"{copy / 'test_batch'}: MD5 [0-9a-f]{{32}}, "
+                     "expected 40351d587109b95175f43aff81a1287e .*--allow-subset"):
+    data.load_cifar("cifar10", copy)
+  modified = data.load_cifar("cifar10", copy, allow_subset=True)
+  assert "1 of 6 files differ" in modified.source and modified.checksum != full.checksum
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -305,15 +355,46 @@ def test_bad_requests(tmp_path):
 # The tfds path: fails within seconds, naming the alternatives.
 
 
-def fake_tfds(load):
+class FakeBuilder:
+  """What train/data.py uses of a tfds DatasetBuilder; records the calls."""
+
+  def __init__(self, name, data_dir, prepared, splits=None, fail=None):
+    self.name, self.data_dir, self.prepared = name, data_dir or "/fake/tensorflow_datasets", prepared
+    self.splits, self.fail, self.calls = splits, fail, []
+
+  def is_prepared(self):
+    return self.prepared
+
+  def download_and_prepare(self):
+    self.calls.append("download_and_prepare")
+    if self.fail:
+      raise self.fail
+    self.prepared = True
+
+  def as_dataset(self, split, batch_size, as_supervised):
+    assert (split, batch_size, as_supervised) == (["train", "test"], -1, True)
+    self.calls.append("as_dataset")
+    return self.splits
+
+
+def fake_tfds(monkeypatch, **builder_kwargs):
+  """Installs a fake tensorflow_datasets (and the modules the path needs); returns its builder."""
   module = types.ModuleType("tensorflow_datasets")
   module.__spec__ = importlib.machinery.ModuleSpec("tensorflow_datasets", None)
-  module.load, module.as_numpy = load, lambda tree: tree
-  return module
+  builders = []
 
+  def builder(name, data_dir=None):
+    builders.append(FakeBuilder(name, data_dir, **builder_kwargs))
+    return builders[-1]
 
-def must_not_load(*args, **kwargs):
-  raise AssertionError("tfds.load must not be called")
+  module.builder, module.as_numpy = builder, lambda tree: tree
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
+  for name in ("tensorflow", "importlib_resources"):
+    if importlib.util.find_spec(name) is None:
+      stub = types.ModuleType(name)
+      stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+      monkeypatch.setitem(sys.modules, name, stub)
+  return builders
 
 
 def assert_names_alternatives(message):
@@ -324,42 +405,105 @@ def assert_names_alternatives(message):
 def test_tfds_missing_fails_fast(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import and find_spec: absent
   start = time.perf_counter()
-  with pytest.raises(data.DataError, match=r"optax_bm\[tfds\]") as error:
+  with pytest.raises(data.DataError, match=r"needs tensorflow-datasets.*optax_bm\[tfds\]") as error:
     data.load_cifar("cifar10", probe=lambda: pytest.fail("no probe without tfds"))
   assert time.perf_counter() - start < 2
   assert_names_alternatives(str(error.value))
 
 
-def test_tfds_unreachable_fails_fast(monkeypatch):
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(must_not_load))
-  start = time.perf_counter()
-  with pytest.raises(data.DataError, match="www.cs.toronto.edu is unreachable "
-                     r"\(mocked: no route\)") as error:
-    data.load_cifar("cifar100", probe=lambda: "mocked: no route")
-  assert time.perf_counter() - start < 2
+@pytest.mark.parametrize("module, named", [
+    ("tensorflow", "TensorFlow"), ("importlib_resources", "importlib_resources")])
+def test_tfds_without_what_it_needs_fails_fast(module, named, monkeypatch):
+  """tfds 4.9.10 installs without TensorFlow and without importlib_resources, both needed."""
+  builders = fake_tfds(monkeypatch, prepared=False)
+  monkeypatch.setitem(sys.modules, module, None)
+  with pytest.raises(data.DataError, match=rf"needs {named}.*optax_bm\[tfds\]") as error:
+    data.load_cifar("cifar10", probe=lambda: pytest.fail("no probe"))
+  assert "tensorflow-datasets" not in str(error.value).split("needs")[1].split("(pip")[0]
+  assert not builders  # stopped before touching tfds
   assert_names_alternatives(str(error.value))
 
 
-def test_tfds_results_and_failures(monkeypatch):
+def test_tfds_unreachable_fails_fast(monkeypatch):
+  builders = fake_tfds(monkeypatch, prepared=False)
+  start = time.perf_counter()
+  with pytest.raises(data.DataError, match="cifar100 is not prepared in tensorflow-datasets' "
+                     "/fake/tensorflow_datasets and cannot be downloaded: www.cs.toronto.edu "
+                     r"is unreachable \(mocked: no route\)") as error:
+    data.load_cifar("cifar100", probe=lambda: "mocked: no route")
+  assert time.perf_counter() - start < 2
+  assert_names_alternatives(str(error.value))
+  assert builders[0].calls == []  # no download tried
+
+
+def test_tfds_prepared_data_is_read_offline_without_probe(monkeypatch, tmp_path):
   images = np.arange(2 * 32 * 32 * 3, dtype=np.uint8).reshape(2, 32, 32, 3)
   labels = np.array([3, 97], np.int64)
-
-  def load(name, split, batch_size, as_supervised):
-    assert (name, split, batch_size, as_supervised) == ("cifar100", ["train", "test"], -1, True)
-    return (images, labels), (images[:1], labels[:1])
-
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(load))
-  got = data.load_cifar("cifar100", probe=lambda: None)
+  builders = fake_tfds(monkeypatch, prepared=True,
+                       splits=((images, labels), (images[:1], labels[:1])))
+  got = data.load_cifar("cifar100", probe=lambda: pytest.fail("probed with the data prepared"),
+                        tfds_data_dir=tmp_path)
+  assert builders[0].data_dir == str(tmp_path)
+  assert builders[0].calls == ["as_dataset"]
   chex.assert_type([got.train_labels, got.test_labels], np.int32)
   np.testing.assert_array_equal(got.train_images, images)
-  assert got.num_classes == 100 and "tensorflow-datasets" in got.source
+  assert got.num_classes == 100 and "tensorflow-datasets (prepared in" in got.source
+  assert got.kind == "tfds" and len(got.checksum) == 32
 
-  def broken(*args, **kwargs):
-    raise RuntimeError("download interrupted")
 
-  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds(broken))
-  with pytest.raises(data.DataError, match="failed to load cifar10: download interrupted"):
+def test_tfds_download_then_read_and_failures(monkeypatch):
+  images = np.zeros((1, 32, 32, 3), np.uint8)
+  splits = ((images, np.zeros(1)), (images, np.zeros(1)))
+  builders = fake_tfds(monkeypatch, prepared=False, splits=splits)
+  probes = []
+  got = data.load_cifar("cifar10", probe=lambda: probes.append(1))
+  assert probes == [1] and builders[0].calls == ["download_and_prepare", "as_dataset"]
+  assert "downloaded in" in got.source
+  fake_tfds(monkeypatch, prepared=False, fail=RuntimeError("download interrupted"))
+  with pytest.raises(data.DataError, match="failed to download and prepare cifar10: download "
+                     "interrupted"):
     data.load_cifar("cifar10", probe=lambda: None)
+
+
+def _real_tfds():
+  tfds = pytest.importorskip("tensorflow_datasets", reason="tensorflow-datasets not installed "
+                             "(pip install -e '.[tfds]')")
+  pytest.importorskip("tensorflow", reason="TensorFlow not installed (pip install -e '.[tfds]')")
+  return tfds
+
+
+def test_real_tfds_prepared_offline_then_read_without_network(tmp_path, monkeypatch,
+                                                              sample_batches):
+  """The real tensorflow-datasets code: prepare cifar10 from local files, then read it."""
+  tfds = _real_tfds()
+  extracted = tmp_path / "download"
+  write_tree(extracted, c10_binary_files(sample_batches))
+  (extracted / "cifar-10-batches-bin" / "batches.meta.txt").write_text(
+      "\n".join(f"class{i}" for i in range(10)) + "\n")
+  # Only the network fetch is replaced: tfds's builder, preparation, TFRecords and tf.data run.
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract",
+                      lambda self, url: str(extracted))
+  store = tmp_path / "tensorflow_datasets"
+  unreachable = lambda: "mocked: offline"
+  with pytest.raises(data.DataError, match="not prepared .*cannot be downloaded"):
+    data.load_cifar("cifar10", probe=unreachable, tfds_data_dir=store)
+  data.load_cifar("cifar10", probe=lambda: None, tfds_data_dir=store)  # "downloads" + prepares
+
+  def no_download(self, url):
+    raise AssertionError("downloaded although prepared")
+
+  monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", no_download)
+  got = data.load_cifar("cifar10", probe=lambda: pytest.fail("probed although prepared"),
+                        tfds_data_dir=store)
+  assert "prepared in" in got.source and got.kind == "tfds"
+  sample = data.load_cifar("cifar10", "sample")
+
+  def rows(images, labels):  # tfds shuffles on preparation: compare as sets of examples
+    return sorted(img.tobytes() + bytes([int(l)]) for img, l in zip(images, labels))
+
+  assert rows(got.train_images, got.train_labels) == rows(sample.train_images,
+                                                          sample.train_labels)
+  assert rows(got.test_images, got.test_labels) == rows(sample.test_images, sample.test_labels)
 
 
 def test_probe_on_loopback():

@@ -2,11 +2,16 @@
 
 Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``int32`` labels):
 
-1. ``load_cifar(dataset)`` (``data_dir=None``): tensorflow-datasets downloads and prepares the
-   set. Needs the optional extra ``optax_bm[tfds]`` and internet access. Before handing over to
-   tfds, :func:`probe_cifar_host` tries ``www.cs.toronto.edu:443`` (where the CIFAR archives are
-   hosted) with a 3 s limit, so a machine without tfds or without network gets a
-   :class:`DataError` naming the alternatives within seconds, not a download that hangs.
+1. ``load_cifar(dataset)`` (``data_dir=None``): tensorflow-datasets reads the set from its data
+   directory (``tfds_data_dir``, else ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), and
+   downloads and prepares it there first if it is not prepared yet. Needs the optional extra
+   ``optax_bm[tfds]`` (tensorflow-datasets, TensorFlow, which tfds uses to read the prepared
+   files, and ``importlib_resources``, which tfds 4.9 imports for a download without declaring
+   it). Only when the data is not prepared, and before handing over to tfds for the download,
+   :func:`probe_cifar_host` tries ``www.cs.toronto.edu:443`` (where the CIFAR archives are
+   hosted) with a 3 s limit, so a machine without the packages or without network gets a
+   :class:`DataError` naming the alternatives within seconds, not a download that hangs, and
+   an offline machine with the data already prepared reads it.
 2. ``load_cifar(dataset, DIR)``: the official archives of
    https://www.cs.toronto.edu/~kriz/cifar.html that the user already has, read with NumPy and
    the standard library. ``DIR`` may be an archive (``cifar-10-python.tar.gz``,
@@ -28,11 +33,20 @@ accepted:
   (CLI ``--allow-subset``; ``"sample"`` implies it). Any other file under an official name,
   truncated, corrupted or foreign, is rejected, with or without ``allow_subset``; to train on a
   custom subset, extract it and pass the directory.
-* An extracted directory has no published checksum, so every file's structure is validated
-  (binary: a whole number of 3073-byte (CIFAR-10) or 3074-byte (CIFAR-100) records; pickle: a
-  dict with a ``(n, 3072)`` ``uint8`` ``data`` array and ``n`` integer labels) as well as the
-  label range, and the totals must be the official 50000 train / 10000 test images unless
-  ``allow_subset=True``. :attr:`CifarData.source` reports the file and the counts.
+* An extracted python-version directory (``cifar-10-batches-py``, ``cifar-100-python``) is
+  identified file by file: each batch file read must match its published MD5
+  (:data:`OFFICIAL_FILE_MD5`, the per-file list the dataset's distributors publish, also used by
+  torchvision); a file that differs (a subset, a modified or corrupted copy) is accepted only
+  with ``allow_subset=True``. The binary version's files have no published per-file checksum,
+  so an extracted binary directory is accepted on its structure and label checks and the
+  official counts. Every file's structure is validated either way (binary: a whole number of
+  3073-byte (CIFAR-10) or 3074-byte (CIFAR-100) records; pickle: a dict with a ``(n, 3072)``
+  ``uint8`` ``data`` array and ``n`` integer labels) as well as the label range, and the totals
+  must be the official 50000 train / 10000 test images unless ``allow_subset=True``.
+  :attr:`CifarData.source` reports the file, how it was checked and the counts.
+* :attr:`CifarData.checksum` is the MD5 of the decoded arrays (train images, train labels,
+  test images, test labels): the same data read from another path, or from the other format,
+  has the same checksum, so it identifies a run's data independently of where it lies.
 * Pickles are read by an unpickler that admits NumPy arrays and nothing else, so a foreign
   pickle cannot run code.
 
@@ -81,6 +95,7 @@ PathLike = Union[str, os.PathLike]
 IntLike = Union[int, jax.Array]
 
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
+REPO_ROOT = SAMPLE_DIR.parent.parent  # the checkout (or install prefix) holding train/
 CIFAR_HOST = "www.cs.toronto.edu"
 OFFICIAL_COUNTS = (50_000, 10_000)  # train, test images; the same for CIFAR-10 and CIFAR-100.
 
@@ -98,6 +113,44 @@ class CifarData(NamedTuple):
   test_labels: np.ndarray  # int32 [M]
   num_classes: int
   source: str  # where the data came from and how it was checked, for logs
+  kind: str = ""  # "sample", "archive", "directory" or "tfds"
+  checksum: str = ""  # MD5 of the decoded arrays: the data's identity, whatever its path
+
+
+def portable_path(path: PathLike) -> str:
+  """``path`` as recorded in logs and committed files: relative to the repository root when it
+  lies inside it (``train/sample``) or in the ``shared/`` directory beside it
+  (``../shared/data/cifar10``), else absolute.
+
+  :func:`resolve_path` turns it back into a path; relative paths there are relative to
+  :data:`REPO_ROOT`, not to the working directory.
+  """
+  path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+  for base, prefix in ((REPO_ROOT, pathlib.PurePosixPath()),
+                       (REPO_ROOT.parent / "shared", pathlib.PurePosixPath("../shared"))):
+    try:
+      rel = path.relative_to(base)
+    except ValueError:
+      continue
+    return (prefix / rel.as_posix()).as_posix() if rel.parts or prefix.parts else "."
+  return path.as_posix()
+
+
+def resolve_path(recorded: PathLike) -> pathlib.Path:
+  """The path that :func:`portable_path` recorded: relative paths are under :data:`REPO_ROOT`."""
+  path = pathlib.Path(os.path.expanduser(os.fspath(recorded)))
+  return path if path.is_absolute() else pathlib.Path(os.path.normpath(REPO_ROOT / path))
+
+
+def content_md5(*arrays: np.ndarray) -> str:
+  """MD5 over the arrays' bytes in order (labels as little-endian int32): a data identity."""
+  digest = hashlib.md5()
+  for a in arrays:
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:
+      a = a.astype("<i4")
+    digest.update(np.ascontiguousarray(a).data)
+  return digest.hexdigest()
 
 
 class ArchiveChecksum(NamedTuple):
@@ -118,6 +171,24 @@ OFFICIAL_ARCHIVES: dict[str, ArchiveChecksum] = {
         169_001_437, "eb9058c3a382ffc7106e4002c42a8d85", "official CIFAR-100 archive"),
     "cifar-100-binary.tar.gz": ArchiveChecksum(
         168_513_733, "03b5dce01913d631647c71ecec9e9cb8", "official CIFAR-100 archive"),
+}
+
+# Per-file MD5s of the extracted python version, as published with the dataset (the lists
+# torchvision.datasets.CIFAR10/CIFAR100 check; CIFAR-10's also in ../shared/data/cifar10/MD5SUMS).
+# The binary version has no published per-file list.
+OFFICIAL_FILE_MD5: dict[str, dict[str, str]] = {
+    "cifar-10-batches-py": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "cifar-100-python": {
+        "train": "16019d7e3df5f24257cddd939b257f8d",
+        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+    },
 }
 
 _MINI = "cifar10-mini subset (first 817 images of every official batch: 4085 train / 817 test)"
@@ -206,6 +277,7 @@ def load_cifar(
     *,
     allow_subset: bool = False,
     probe: Callable[[], Optional[str]] = probe_cifar_host,
+    tfds_data_dir: Optional[PathLike] = None,
 ) -> CifarData:
   """Loads CIFAR-10 or CIFAR-100 into host memory (see the module docstring for the sources).
 
@@ -215,14 +287,17 @@ def load_cifar(
       shipped CIFAR-10 sample (the string always means it: write ``./sample`` for a directory
       of that name); else an official archive, an extracted archive directory, or a directory
       holding one of them.
-    allow_subset: also accept the known subset archives of :data:`SUBSET_ARCHIVES` and
-      extracted directories with fewer (or more) images than the official 50000 / 10000.
-      Implied by ``"sample"``.
-    probe: reachability check run before a tfds download; returns ``None`` or why the host
-      cannot be reached. Replaceable for tests.
+    allow_subset: also accept the known subset archives of :data:`SUBSET_ARCHIVES`, extracted
+      files that differ from the official ones, and extracted directories with fewer (or more)
+      images than the official 50000 / 10000. Implied by ``"sample"``.
+    probe: reachability check run before a tfds download (not when tfds has the data
+      prepared); returns ``None`` or why the host cannot be reached. Replaceable for tests.
+    tfds_data_dir: tensorflow-datasets' data directory (default: tfds's own,
+      ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
 
   Returns:
-    The train and test splits, ``num_classes`` and a description of the source.
+    The train and test splits, ``num_classes``, a description of the source, its kind and the
+    checksum of the decoded arrays.
 
   Raises:
     DataError: unknown dataset, data not found, not installed, unreachable, or failing a check.
@@ -230,24 +305,28 @@ def load_cifar(
   if dataset not in _SPECS:
     raise DataError(f"unknown dataset {dataset!r}: expected one of {sorted(_SPECS)}")
   if data_dir is None:
-    return _load_tfds(dataset, probe)
+    return _load_tfds(dataset, probe, tfds_data_dir)
   path = SAMPLE_DIR if os.fspath(data_dir) == "sample" else pathlib.Path(data_dir).expanduser()
+  kind = "directory"
   if path.resolve() == SAMPLE_DIR:
     if dataset != "cifar10":
-      raise DataError(f"the shipped sample ({SAMPLE_DIR}) is CIFAR-10 only, not {dataset}")
-    allow_subset = True
+      raise DataError(f"the shipped sample ({portable_path(SAMPLE_DIR)}) is CIFAR-10 only, not "
+                      f"{dataset}")
+    allow_subset, kind = True, "sample"
 
   spec = _SPECS[dataset]
   fmt, path = _locate(path, dataset, spec)
+  shown = portable_path(path)
   if path.is_dir():
     files = {name: _read_file(path / name) for name in fmt.train + fmt.test}
-    checked, separator = "extracted directory: structure and labels checked, no checksum", "/"
+    checked, separator = _verify_files(path, fmt, files, dataset, allow_subset), "/"
   else:
     checked, separator = _verify_archive(path, fmt, allow_subset) + ", MD5 verified", ":"
     files = _read_archive(path, fmt)
+    kind = "sample" if kind == "sample" else "archive"
 
   def split(names):
-    parts = [_parse(files[n], f"{path}{separator}{n}", spec, fmt) for n in names]
+    parts = [_parse(files[n], f"{shown}{separator}{n}", spec, fmt) for n in names]
     images = np.concatenate([images for images, _ in parts])
     labels = np.concatenate([labels for _, labels in parts]).astype(np.int32)
     # Rows hold 1024 red, then green, then blue values, each plane row-major.
@@ -258,39 +337,89 @@ def load_cifar(
   counts = (len(train_labels), len(test_labels))
   if counts != OFFICIAL_COUNTS and not allow_subset:
     raise DataError(
-        f"{path}: {counts[0]} train / {counts[1]} test images, but the official {dataset} has "
+        f"{shown}: {counts[0]} train / {counts[1]} test images, but the official {dataset} has "
         f"{OFFICIAL_COUNTS[0]} / {OFFICIAL_COUNTS[1]}; pass allow_subset=True "
         "(--allow-subset) to train on a subset")
   return CifarData(
       train_images, train_labels, test_images, test_labels, spec.num_classes,
-      source=f"{dataset} from {path} ({checked}): {counts[0]} train / {counts[1]} test images")
+      source=f"{dataset} from {shown} ({checked}): {counts[0]} train / {counts[1]} test images",
+      kind=kind, checksum=content_md5(train_images, train_labels, test_images, test_labels))
 
 
-def _load_tfds(dataset: str, probe: Callable[[], Optional[str]]) -> CifarData:
+def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dataset: str,
+                  allow_subset: bool) -> str:
+  """Checks extracted files against their published MD5s; returns how they were checked."""
+  published = OFFICIAL_FILE_MD5.get(fmt.directory)
+  if published is None:
+    return ("extracted directory: structure and labels checked; the binary version has no "
+            "published per-file MD5")
+  differ = [(name, md5, published[name]) for name, blob in files.items()
+            if (md5 := hashlib.md5(blob).hexdigest()) != published[name]]
+  if not differ:
+    return f"extracted official files, per-file MD5 verified ({len(files)} files)"
+  if not allow_subset:
+    name, md5, expected = differ[0]
+    more = f"; {len(differ) - 1} more of its {len(files)} files differ" if len(differ) > 1 else ""
+    raise DataError(
+        f"{portable_path(path / name)}: MD5 {md5}, expected {expected} (the official {dataset} "
+        f"file){more}; the files are corrupted, modified or a subset; pass allow_subset=True "
+        "(--allow-subset) to train on them")
+  return (f"extracted directory, {len(differ)} of {len(files)} files differ from the official "
+          "ones (MD5): structure and labels checked")
+
+
+_TFDS_PACKAGES = (  # module, what needs it
+    ("tensorflow_datasets", "tensorflow-datasets"),
+    ("tensorflow", "TensorFlow (tfds reads its prepared files with tf.data)"),
+    ("importlib_resources", "importlib_resources (tfds 4.9 imports it to download)"),
+)
+
+
+def _load_tfds(dataset: str, probe: Callable[[], Optional[str]],
+               tfds_data_dir: Optional[PathLike]) -> CifarData:
   # find_spec, not import: importing tfds (and TensorFlow) alone can take many seconds.
-  if importlib.util.find_spec("tensorflow_datasets") is None:
+  missing = [what for module, what in _TFDS_PACKAGES if importlib.util.find_spec(module) is None]
+  if missing:
     raise DataError(
-        f"loading {dataset} without a data directory needs tensorflow-datasets "
+        f"loading {dataset} without a data directory needs {', '.join(missing)} "
         f"(pip install 'optax_bm[tfds]'), which is not installed. {_ALTERNATIVES}")
-  problem = probe()
-  if problem is not None:
-    raise DataError(
-        f"cannot download {dataset} with tensorflow-datasets: {CIFAR_HOST} is unreachable "
-        f"({problem}). {_ALTERNATIVES}")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
   try:
-    train, test = tfds.as_numpy(tfds.load(
-        dataset, split=["train", "test"], batch_size=-1, as_supervised=True))
-  except Exception as e:  # tfds reports download and preparation failures with many types.
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except Exception as e:  # a broken install can fail on import in any way
+    raise DataError(f"tensorflow-datasets is installed but cannot be imported "
+                    f"({type(e).__name__}: {e}); reinstall it with pip install "
+                    f"'optax_bm[tfds]'. {_ALTERNATIVES}") from e
+  where = "" if tfds_data_dir is None else os.fspath(pathlib.Path(tfds_data_dir).expanduser())
+  try:
+    builder = tfds.builder(dataset, data_dir=where or None)
+    prepared = builder.is_prepared()
+  except Exception as e:  # tfds reports its failures with many types.
+    raise DataError(f"tensorflow-datasets cannot open {dataset}: {e}. {_ALTERNATIVES}") from e
+  if not prepared:
+    problem = probe()
+    if problem is not None:
+      raise DataError(
+          f"{dataset} is not prepared in tensorflow-datasets' {builder.data_dir} and cannot be "
+          f"downloaded: {CIFAR_HOST} is unreachable ({problem}). {_ALTERNATIVES}")
+    try:
+      builder.download_and_prepare()
+    except Exception as e:
+      raise DataError(
+          f"tensorflow-datasets failed to download and prepare {dataset}: {e}. "
+          f"{_ALTERNATIVES}") from e
+  try:
+    train, test = tfds.as_numpy(builder.as_dataset(
+        split=["train", "test"], batch_size=-1, as_supervised=True))
+  except Exception as e:
     raise DataError(f"tensorflow-datasets failed to load {dataset}: {e}. {_ALTERNATIVES}") from e
   (train_images, train_labels), (test_images, test_labels) = train, test
+  arrays = (np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32),
+            np.asarray(test_images, np.uint8), np.asarray(test_labels, np.int32))
   return CifarData(
-      np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32),
-      np.asarray(test_images, np.uint8), np.asarray(test_labels, np.int32),
-      _SPECS[dataset].num_classes,
-      source=f"{dataset} from tensorflow-datasets: {len(train_labels)} train / "
-      f"{len(test_labels)} test images")
+      *arrays, _SPECS[dataset].num_classes,
+      source=f"{dataset} from tensorflow-datasets ({'prepared' if prepared else 'downloaded'} "
+      f"in {portable_path(builder.data_dir)}): {len(train_labels)} train / "
+      f"{len(test_labels)} test images", kind="tfds", checksum=content_md5(*arrays))
 
 
 def _locate(path: pathlib.Path, dataset: str, spec: _Spec) -> tuple[_Format, pathlib.Path]:
