@@ -284,6 +284,55 @@ def _trace_linen(module, variables, args, kwargs):
   return params, rest, forward
 
 
+def _depends_on(jaxpr, tainted_invars) -> list:
+  """For each output of ``jaxpr``: whether it depends on one of ``tainted_invars`` (indices).
+
+  Call-like equations are followed into their bodies; any other equation with a body is
+  treated conservatively (all outputs depend on all inputs).
+  """
+  tainted = {v for i, v in enumerate(jaxpr.invars) if i in tainted_invars}
+
+  def is_tainted(v):
+    return not isinstance(v, jex_core.Literal) and v in tainted
+
+  for eqn in jaxpr.eqns:
+    ins = [is_tainted(v) for v in eqn.invars]
+    if not any(ins):
+      continue
+    subs = list(_sub_jaxprs(eqn))
+    if (eqn.primitive.name in _CALLS and len(subs) == 1
+        and len(subs[0].invars) == len(eqn.invars) and len(subs[0].outvars) == len(eqn.outvars)):
+      outs = _depends_on(subs[0], {i for i, t in enumerate(ins) if t})
+    else:
+      outs = [True] * len(eqn.outvars)
+    tainted.update(v for v, t in zip(eqn.outvars, outs) if t)
+  return [is_tainted(v) for v in jaxpr.outvars]
+
+
+def _check_linen_batch_norm_mode(jaxpr, n_params: int, rest: Any, n_outputs: int) -> None:
+  """Raises if the traced Linen forward pass used BatchNorm's running statistics.
+
+  In training mode BatchNorm normalizes with the batch's statistics and only *updates* its
+  running averages (which the traced forward pass discards); in inference mode
+  (``use_running_average=True``, e.g. a ``train`` flag defaulting to False) the output is
+  computed from them, the batch axis is not reduced, and every block would be annotated
+  ``normalized=False``, so every factor would be wrong.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(rest)[0]
+  stats = {n_params + i: specs_lib.path_str(p) for i, (p, _) in enumerate(leaves)
+           if specs_lib.path_str(p).split("/")[0] == "batch_stats"}
+  if not stats:
+    return
+  used = [path for i, path in sorted(stats.items()) if any(_depends_on(jaxpr, {i})[:n_outputs])]
+  if used:
+    raise ValueError(
+        "optax_bm.annotate: the Linen module's output depends on its BatchNorm running "
+        f"statistics ({', '.join(used[:3])}{', ...' if len(used) > 3 else ''}): BatchNorm "
+        "ran in inference mode, so its blocks would be annotated normalized=False. Trace the "
+        "training forward pass: pass the flag that selects it, e.g. "
+        "annotate(module, variables, x, train=True).")
+
+
 def annotate(model: Any, *sample_args: Any,
              unscaled: Optional[Union[Iterable[str], Any, Callable[[Any], Any]]] = None,
              **sample_kwargs: Any) -> Any:
@@ -371,6 +420,8 @@ def annotate(model: Any, *sample_args: Any,
       [to_abstract(x) for x in flat_params], jax.tree.map(to_abstract, rest),
       [to_abstract(x) for x, a in zip(inputs_flat, is_array) if a])
   jaxpr = closed.jaxpr
+  if not is_nnx:
+    _check_linen_batch_norm_mode(jaxpr, n_params, rest, len(jaxpr.outvars))
   n_rest = len(jax.tree.leaves(rest))
   n_args = len(jaxpr.invars) - n_params - n_rest
   in_infos = ([_Info(i, frozenset({i})) for i in range(n_params)] + [_CONST] * n_rest

@@ -1,5 +1,6 @@
 """annotate(): block order, s, c and normalization found from the model itself."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -83,6 +84,31 @@ def test_annotate_bf16_compute_and_linen():
   assert jax.tree.structure(specs) == jax.tree.structure(variables["params"])
   with pytest.raises(ValueError, match="variables"):
     optax_bm.annotate(lin, jnp.zeros((2, 8, 8, 3)))
+
+
+class _LinenEvalByDefault(nets.LinenChain):
+  """A Linen model whose ``train`` flag defaults to False, as many do."""
+
+  def __call__(self, x, train: bool = False):
+    return super().__call__(x, train)
+
+
+def test_linen_batch_norm_in_inference_mode_is_an_error():
+  x = jnp.zeros((2, 8, 8, 3))
+  lin = _LinenEvalByDefault()
+  variables = lin.init(jax.random.key(0), x)
+  # Without train=True, BatchNorm uses its running statistics: all blocks would read
+  # normalized=False, every factor wrong (issue 13, item 6).
+  for kwargs in ({}, {"train": False}):
+    with pytest.raises(ValueError, match=r"running statistics \(batch_stats/.*inference mode.*"
+                       r"train=True"):
+      optax_bm.annotate(lin, variables, x, **kwargs)
+  specs = optax_bm.annotate(lin, variables, x, train=True)
+  assert _block_table(specs) == nets.linen_expected()
+  # Under jit (a pjit in the traced forward pass) the dependence is still found.
+  jitted = nn.jit(_LinenEvalByDefault)()
+  with pytest.raises(ValueError, match="inference mode"):
+    optax_bm.annotate(jitted, jitted.init(jax.random.key(0), x), x)
 
 
 class _InputScale(nnx.Module):
