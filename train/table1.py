@@ -2,12 +2,18 @@
 
 Every run is ``train/cifar.py`` in a subprocess with its own work directory, so the grid
 resumes where it stopped: finished runs (final epoch in ``metrics.jsonl``) are skipped,
-interrupted ones resume from their last checkpoint. ``--jobs N`` runs N at once.
+interrupted ones resume from their last checkpoint. ``--jobs N`` runs N at once. Before
+starting any run the grid loads its data once (the same loader and checks as the runs), so a
+missing or corrupt data set is one ``error:`` line, not a grid of failed runs. The report is
+refreshed after every finished run, and a results file is never replaced by one holding fewer
+finished runs (``--force`` to override), so a grid can span sessions (``--git-commit``
+commits the results directory after each run).
 
 The table reports, per (dataset, model, optimizer), the median over seeds of the
 **final-epoch** test accuracy (no early stopping, no selection on the test split), beside the
 paper's Table 1 (SPEC §4). ``curves.png`` plots every seed's test-accuracy curve per optimizer
-(like the supplement's Figure 1).
+(like the supplement's Figure 1); ``figure1.png`` is the paper's Figure 1 style: training loss
+and test accuracy per epoch, median over seeds with the seeds' min-max range shaded.
 
 Examples::
 
@@ -15,14 +21,18 @@ Examples::
   python train/table1.py --data-dir ~/data/cifar --jobs 1
   # the CPU-sized mini grid on the 4085-image cifar10-mini subset
   python train/table1.py --mini --jobs 1
+  # Table 1 at CPU scale on the full CIFAR-10 (VGG13 width 1/8, 30 epochs, 3 seeds)
+  python train/table1.py --cpu-full --jobs 2 --git-commit
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pathlib
+import re
 import shlex
 import statistics
 import subprocess
@@ -63,6 +73,16 @@ MINI = dict(models=["vgg11"], datasets=["cifar10"], optimizers=list(OPTIMIZERS),
             out=str(REPO / "train" / "results" / "table1_mini"),
             workdir_root=str(REPO / "workdirs" / "table1_mini"))
 
+CPU_FULL_LABEL = ("CPU-scale run on the full CIFAR-10 (VGG13-BN at width 1/8, 30 epochs); the "
+                  "paper trains full-width networks for 200 epochs")
+CPU_FULL = dict(models=["vgg13"], datasets=["cifar10"], optimizers=list(OPTIMIZERS),
+                seeds=[0, 1, 2], epochs=30, width=0.125, batch_size=128,
+                data_dir=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"),
+                allow_subset=False, cpu_devices=4,
+                out=str(REPO / "train" / "results" / "table1_cpu_full"),
+                workdir_root=str(REPO / "workdirs" / "table1_cpu_full"))
+PRESETS = {"mini": MINI, "cpu_full": CPU_FULL}
+
 
 def paper_value(dataset: str, model: str, optimizer: str) -> Optional[float]:
   try:
@@ -94,35 +114,50 @@ def parse_args(argv=None) -> argparse.Namespace:
                   "train/cifar.py and write table1.md and curves.png. Rerun to resume.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       epilog="Arguments after '--' are passed to every train/cifar.py run.")
-  p.add_argument("--mini", action="store_true",
-                 help=f"CPU preset: VGG11 width {MINI['width']:g}, {MINI['epochs']} epochs, "
-                      "cifar10-mini, 3 seeds, all optimizers; flags given explicitly win")
+  preset = p.add_mutually_exclusive_group()
+  preset.add_argument("--mini", action="store_true",
+                      help=f"CPU preset: VGG11 width {MINI['width']:g}, {MINI['epochs']} "
+                           "epochs, cifar10-mini, 3 seeds, all optimizers; flags given "
+                           "explicitly win")
+  preset.add_argument("--cpu-full", action="store_true",
+                      help=f"CPU preset on the full CIFAR-10: VGG13 width "
+                           f"{CPU_FULL['width']:g}, {CPU_FULL['epochs']} epochs, step decay, "
+                           "3 seeds, all optimizers, ../shared/data/cifar10/cifar-10-batches-py "
+                           "relative to the repo; flags given explicitly win")
   p.add_argument("--models", nargs="+", choices=MODELS, default=None)
   p.add_argument("--datasets", nargs="+", choices=DATASETS, default=None)
   p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=None)
   p.add_argument("--seeds", nargs="+", type=int, default=None)
-  p.add_argument("--epochs", type=int, default=None, help="default 200 (mini: 40)")
-  p.add_argument("--width", type=float, default=None, help="default 1 (mini: 0.125)")
+  p.add_argument("--epochs", type=int, default=None, help="default 200 (mini: 40, cpu-full: 30)")
+  p.add_argument("--width", type=float, default=None, help="default 1 (mini, cpu-full: 0.125)")
   p.add_argument("--batch-size", type=int, default=None, help="default 128")
   p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None)
   p.add_argument("--data-dir", default=None,
                  help="CIFAR archives (default: tensorflow-datasets; mini: "
-                      "../shared/data/cifar10-mini relative to the repo)")
+                      "../shared/data/cifar10-mini, cpu-full: "
+                      "../shared/data/cifar10/cifar-10-batches-py, relative to the repo)")
   p.add_argument("--allow-subset", action="store_true", default=None,
                  help="accept known CIFAR subsets (implied by --mini)")
   p.add_argument("--out", default=None,
                  help="results directory (default train/results/table1, mini: "
-                      "train/results/table1_mini)")
+                      "train/results/table1_mini, cpu-full: train/results/table1_cpu_full)")
   p.add_argument("--workdir-root", default=None,
-                 help="runs' work directories (default workdirs/table1[_mini], git-ignored)")
+                 help="runs' work directories (default workdirs/table1[_mini|_cpu_full], "
+                      "git-ignored)")
   p.add_argument("--jobs", type=int, default=1, help="runs at once")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="on CPU, simulate N XLA devices per run "
                       "(--xla_force_host_platform_device_count; faster than one device on "
-                      "a multi-core CPU, same results to float tolerance); mini: 4")
+                      "a multi-core CPU, same results to float tolerance); mini, cpu-full: 4")
   p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
   p.add_argument("--report-only", action="store_true",
-                 help="only (re)write table1.md and curves.png from the finished runs")
+                 help="only (re)write table1.md and the plots from the finished runs")
+  p.add_argument("--force", action="store_true",
+                 help="rewrite the results even if the table there holds more finished runs "
+                      "than this grid finds")
+  p.add_argument("--git-commit", action="store_true",
+                 help="after each finished run, git-commit the results directory (only the "
+                      "files under it)")
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = []
   if "--" in argv:
@@ -135,12 +170,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                   allow_subset=False, cpu_devices=None,
                   out=str(REPO / "train" / "results" / "table1"),
                   workdir_root=str(REPO / "workdirs" / "table1"))
-  if args.mini:
-    defaults.update(MINI)
+  args.preset = "mini" if args.mini else "cpu_full" if args.cpu_full else None
+  if args.preset:
+    defaults.update(PRESETS[args.preset])
   defaults["compute_dtype"] = "float32"
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
+  # The runs start in the repository: paths given on the command line are the user's (cwd).
+  for k in ("out", "workdir_root"):
+    setattr(args, k, os.path.abspath(os.path.expanduser(getattr(args, k))))
+  if args.data_dir not in (None, "sample"):
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
   if args.jobs < 1:
     p.error("--jobs must be at least 1")
   return args
@@ -178,10 +219,9 @@ def child_env(args) -> dict:
   return env
 
 
-def run_grid(args) -> list:
-  """Runs the unfinished runs, ``args.jobs`` at a time; returns (failed run names, #run)."""
+def pending_runs(args) -> list:
+  """The grid's unfinished runs as (name, command); prints a line per finished one."""
   root = pathlib.Path(args.workdir_root)
-  logs = root / "logs"
   todo = []
   for d, m, o, s in grid(args):
     name = run_name(d, m, o, s)
@@ -190,10 +230,34 @@ def run_grid(args) -> list:
       print(f"skip {name}: finished", flush=True)
       continue
     todo.append((name, command(args, d, m, o, s, workdir)))
-  if args.dry_run:
-    for name, cmd in todo:
-      print(" ".join(shlex.quote(c) for c in cmd))
-    return [], 0
+  return todo
+
+
+def check_data(args) -> Optional[str]:
+  """Loads each dataset of the grid once, with the runs' loader and checks; None or the error.
+
+  Run before any job starts, so that a missing, truncated or foreign data set stops the grid
+  with one message instead of a grid of failed runs.
+  """
+  from train import data as data_lib  # pylint: disable=import-outside-toplevel
+  for dataset in args.datasets:
+    try:
+      ds = data_lib.load_cifar(dataset, args.data_dir, allow_subset=args.allow_subset)
+    except data_lib.DataError as e:
+      return str(e)
+    print(f"data: {ds.source}", flush=True)
+    del ds
+    gc.collect()
+  return None
+
+
+def run_grid(args, todo: list, on_done=None) -> tuple:
+  """Runs ``todo`` ((name, command) pairs), ``args.jobs`` at a time.
+
+  ``on_done(name)`` is called after each run that exits 0. Returns (failed run names, #run).
+  """
+  root = pathlib.Path(args.workdir_root)
+  logs = root / "logs"
   if not todo:
     return [], 0
   logs.mkdir(parents=True, exist_ok=True)
@@ -225,6 +289,8 @@ def run_grid(args) -> list:
         acc = f"final test acc {100 * history[-1]['test_acc']:.2f}%" if history else ""
         print(f"done  {name} in {time.time() - started:.0f}s: {acc} "
               f"[{done}/{len(todo)}, {time.time() - t0:.0f}s elapsed]", flush=True)
+        if on_done is not None:
+          on_done(name)
       else:
         failed.append(name)
         print(f"FAILED {name} (exit {proc.returncode}); see {logs / (name + '.log')}",
@@ -253,7 +319,7 @@ def _display_path(path: str) -> str:
 
 def reproduce_command(args) -> str:
   """The table1.py command line for this grid (explicit flags, whatever preset was used)."""
-  parts = ["--mini"] if args.mini else []
+  parts = {"mini": ["--mini"], "cpu_full": ["--cpu-full"]}.get(args.preset, [])
   parts += ["--models", *args.models, "--datasets", *args.datasets, "--optimizers",
             *args.optimizers, "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs),
             "--width", f"{args.width:g}", "--batch-size", str(args.batch_size)]
@@ -272,14 +338,24 @@ def reproduce_command(args) -> str:
 
 def write_table(args, results: dict, path: pathlib.Path) -> str:
   cols = [(d, m) for d in args.datasets for m in args.models]
-  title = "Table 1 (mini)" if args.mini else "Table 1"
+  title = {"mini": "Table 1 (mini)", "cpu_full": "Table 1 (CPU scale, full CIFAR-10)"}.get(
+      args.preset, "Table 1")
   lines = [f"# {title}: final-epoch test accuracy (%)", ""]
   if args.mini:
     label = MINI_LABEL if os.path.abspath(args.data_dir) == MINI["data_dir"] else (
-        f"mini run on a small CIFAR subset ({args.data_dir}); says nothing about full CIFAR")
+        f"mini run on a small CIFAR subset ({_display_path(args.data_dir)}); says nothing "
+        "about full CIFAR")
+    lines += [f"**{label}.**", ""]
+  elif args.preset == "cpu_full":
+    same = (args.models, args.epochs, args.width) == (
+        CPU_FULL["models"], CPU_FULL["epochs"], CPU_FULL["width"])
+    label = CPU_FULL_LABEL if same else (
+        f"CPU-scale run ({', '.join(m.upper() for m in args.models)}-BN at width "
+        f"{args.width:g}, {args.epochs} epochs); the paper trains full-width networks for "
+        "200 epochs")
     lines += [f"**{label}.**", ""]
   lines += [
-      f"VGG-BN width {args.width:g}, {args.epochs} epochs, batch {args.batch_size}, "
+      f"Budget: VGG-BN width {args.width:g}, {args.epochs} epochs, batch {args.batch_size}, "
       f"step decay ×0.1 at 50%/75%, {args.compute_dtype}, data: "
       f"`{_display_path(args.data_dir) if args.data_dir else 'tensorflow-datasets'}`; each "
       "optimizer at the paper's "
@@ -321,8 +397,26 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
             f"Reproduce: `{reproduce_command(args)}` (finished runs are skipped, interrupted "
             "ones resume).", ""]
   text = "\n".join(lines)
-  path.write_text(text)
+  _atomic_write_text(path, text)
   return text
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+_FINISHED_RE = re.compile(r"^(\d+)/(\d+) runs finished", re.M)
+
+
+def finished_in_table(path: pathlib.Path) -> int:
+  """How many finished runs the table at ``path`` reports (0 if none or unreadable)."""
+  try:
+    m = _FINISHED_RE.search(path.read_text())
+  except OSError:
+    return 0
+  return int(m.group(1)) if m else 0
 
 
 def plot_curves(args, results: dict, path: pathlib.Path) -> None:
@@ -354,9 +448,80 @@ def plot_curves(args, results: dict, path: pathlib.Path) -> None:
   sup = "Test accuracy per epoch, every seed"
   if args.mini:
     sup += " (mini run on a CIFAR subset; says nothing about full CIFAR)"
+  elif args.preset == "cpu_full":
+    sup += f" (CPU scale: width {args.width:g}, {args.epochs} epochs)"
   fig.suptitle(sup, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  _save_figure(fig, path)
+  plt.close(fig)
+
+
+def _save_figure(fig, path: pathlib.Path) -> None:
+  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, path)
+
+
+def curve_band(runs: dict, key: str, scale: float = 1.0):
+  """Median and min-max over seeds of metric ``key`` per epoch.
+
+  ``runs`` is ``{seed: history}``; only epochs that every seed has, with ``key`` present and
+  finite, count. Returns (epochs, median, lo, hi) lists, empty when no epoch qualifies.
+  """
+  per_epoch: dict = {}
+  for hist in runs.values():
+    for h in hist:
+      v = h.get(key)
+      if isinstance(v, (int, float)) and v == v and abs(v) != float("inf"):
+        per_epoch.setdefault(h["epoch"], []).append(scale * v)
+  epochs = sorted(e for e, vs in per_epoch.items() if len(vs) == len(runs))
+  return (epochs, [statistics.median(per_epoch[e]) for e in epochs],
+          [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs])
+
+
+def plot_figure1(args, results: dict, path: pathlib.Path) -> None:
+  """The paper's Figure 1 style: per (dataset, model) a row of two panels, training loss and
+  test accuracy per epoch; per optimizer the median over seeds, its seeds' min-max shaded."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  rows = [(d, m) for d in args.datasets for m in args.models]
+  fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.6 * len(rows) + 0.6), squeeze=False)
+  panels = (("train_loss", 1.0, "training loss", "log"), ("test_acc", 100.0,
+                                                          "test accuracy (%)", "linear"))
+  for r, (d, m) in enumerate(rows):
+    for c, (key, scale, ylabel, yscale) in enumerate(panels):
+      ax = axes[r, c]
+      for o in args.optimizers:
+        runs = results.get((d, m, o), {})
+        if not runs:
+          continue
+        epochs, med, lo, hi = curve_band(runs, key, scale)
+        if not epochs:
+          continue
+        ax.plot(epochs, med, color=OPT_COLORS[o], lw=1.4,
+                label=f"{OPT_LABELS[o]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.fill_between(epochs, lo, hi, color=OPT_COLORS[o], alpha=0.2, lw=0)
+      ax.set_title(f"{'C10' if d == 'cifar10' else 'C100'} {m.upper()}-BN: {ylabel}",
+                   fontsize=9)
+      ax.set_xlabel("epoch", fontsize=8)
+      ax.set_ylabel(ylabel, fontsize=8)
+      if ax.lines and yscale == "log":
+        ax.set_yscale("log")
+      ax.tick_params(labelsize=7, which="both")
+      ax.grid(alpha=0.3, which="both")
+      if ax.lines:
+        ax.legend(fontsize=7)
+  sup = (f"Median over seeds, seeds' min-max shaded; width {args.width:g}, {args.epochs} "
+         f"epochs, batch {args.batch_size}")
+  if args.mini:
+    sup += " (mini run on a CIFAR subset; says nothing about full CIFAR)"
+  elif args.preset == "cpu_full":
+    sup += " (CPU scale; the paper: full width, 200 epochs)"
+  fig.suptitle(sup, fontsize=10)
+  fig.tight_layout()
+  _save_figure(fig, path)
   plt.close(fig)
 
 
@@ -371,7 +536,20 @@ def copy_metrics(args, results: dict, out: pathlib.Path) -> None:
       for f in ("config.json", "metrics.jsonl"):
         src = root / name / f
         if src.exists():
-          (dest / f"{name}.{f}").write_text(src.read_text())
+          text = src.read_text()
+          if f == "config.json":
+            text = portable_config(text)
+          _atomic_write_text(dest / f"{name}.{f}", text)
+
+
+def portable_config(text: str) -> str:
+  """A run's config.json with its data path as ``train.data.portable_path`` records it
+  (relative to the repository or ``../shared``), so committed copies name no machine path."""
+  from train import data as data_lib  # pylint: disable=import-outside-toplevel
+  config = json.loads(text)
+  if config.get("data_dir") not in (None, "sample"):
+    config["data_dir"] = data_lib.portable_path(config["data_dir"])
+  return json.dumps(config, indent=2) + "\n"
 
 
 def read_invocations(args) -> list:
@@ -391,24 +569,85 @@ def log_invocation(args, wall_s: float, ran: int) -> None:
                         "wall_s": round(wall_s, 1), "runs": ran, "jobs": args.jobs}) + "\n")
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def write_report(args, force: bool = False) -> Optional[str]:
+  """Writes table1.md, curves.png, figure1.png and the runs' copies from the finished runs.
+
+  Never replaces a table holding more finished runs than this grid finds (say the work
+  directories are missing in this clone) unless ``force``; returns the table's text, or None
+  when the results directory was kept.
+  """
   out = pathlib.Path(args.out)
-  t0 = time.time()
-  failed, ran = ([], 0) if args.report_only else run_grid(args)
-  if args.dry_run:
-    return 0
-  elapsed = time.time() - t0
-  if ran:
-    log_invocation(args, elapsed, ran)
   results = collect(args)
+  finished = sum(len(v) for v in results.values())
+  on_disk = finished_in_table(out / "table1.md")
+  if finished < on_disk and not force:
+    print(f"warning: kept {_display_path(str(out / 'table1.md'))}: it reports {on_disk} "
+          f"finished run(s), this grid finds {finished} in "
+          f"{_display_path(args.workdir_root)} (use --force to replace it)", file=sys.stderr)
+    return None
   out.mkdir(parents=True, exist_ok=True)
   text = write_table(args, results, out / "table1.md")
   if results:
     plot_curves(args, results, out / "curves.png")
+    plot_figure1(args, results, out / "figure1.png")
     copy_metrics(args, results, out)
-  print(text)
-  print(f"wrote {out / 'table1.md'}" + (f" and {out / 'curves.png'}" if results else ""))
+  return text
+
+
+def git_commit(path: str, message: str, retries: int = 10) -> bool:
+  """Commits the files under ``path`` (and nothing else) with ``message``; False on failure."""
+  for attempt in range(retries):
+    add = subprocess.run(["git", "-C", path, "add", "--", "."], capture_output=True, text=True)
+    commit = None
+    if add.returncode == 0:
+      staged = subprocess.run(["git", "-C", path, "diff", "--cached", "--quiet", "--", "."],
+                              capture_output=True, text=True)
+      if staged.returncode == 0:
+        return True  # nothing new under path
+      commit = subprocess.run(["git", "-C", path, "commit", "-q", "-m", message, "--", "."],
+                              capture_output=True, text=True)
+      if commit.returncode == 0:
+        return True
+    err = (commit or add).stderr
+    if "index.lock" not in err or attempt == retries - 1:
+      print(f"warning: git commit of {path} failed: {err.strip()[:300]}", file=sys.stderr)
+      return False
+    time.sleep(3.0)
+  return False
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  out = pathlib.Path(args.out)
+  t0 = time.time()
+  failed, ran = [], 0
+  if not args.report_only:
+    todo = pending_runs(args)
+    if args.dry_run:
+      for _, cmd in todo:
+        print(" ".join(shlex.quote(c) for c in cmd))
+      return 0
+    if todo:
+      error = check_data(args)  # before any job: one line, nothing started, nothing written
+      if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+      def on_done(name):
+        if write_report(args, args.force) is not None and args.git_commit:
+          git_commit(str(out), f"{os.path.basename(args.out)}: {name} finished")
+
+      failed, ran = run_grid(args, todo, on_done)
+  elapsed = time.time() - t0
+  if ran:
+    log_invocation(args, elapsed, ran)
+  text = write_report(args, args.force)
+  if text is not None:
+    print(text)
+    print(f"wrote {_display_path(str(out / 'table1.md'))} and the plots")
+    if ran and args.git_commit:
+      git_commit(str(out), f"{os.path.basename(args.out)}: report after {ran} run(s) "
+                           f"({len(failed)} failed)")
   if failed:
     print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1

@@ -1,0 +1,228 @@
+"""Tests of the Table 1 grid runner (train/table1.py): presets, the data check before any job,
+the never-emptier results guard, Figure 1, repo-relative copies, git commits of the results.
+
+No run is trained here: runs are fake work directories holding metrics.jsonl, and
+``subprocess.Popen`` is replaced where a test must prove that no job starts.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from train import table1
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fake_run(root, name, epochs, *, acc=0.5, loss=1.0, data_dir=None):
+  w = root / name
+  w.mkdir(parents=True, exist_ok=True)
+  hist = [{"epoch": e, "train_loss": loss / e, "test_acc": acc * e / epochs, "seconds": 1.0}
+          for e in range(1, epochs + 1)]
+  (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+  config = {"dataset": "cifar10", "epochs": epochs, "data_dir": data_dir}
+  (w / "config.json").write_text(json.dumps(config))
+  return w
+
+
+def _grid_args(tmp_path, *extra):
+  return ["--cpu-full", "--epochs", "3", "--workdir-root", str(tmp_path / "w"), "--out",
+          str(tmp_path / "out"), *extra]
+
+
+class _NoJobs:
+  """Stands in for subprocess.Popen: records every start and fails it at once."""
+
+  def __init__(self):
+    self.calls = []
+    self.popen = subprocess.Popen  # the real one, before monkeypatching
+
+  def __call__(self, cmd, **kwargs):
+    self.calls.append(cmd)
+    return self.popen(["false"], **kwargs)
+
+
+def test_cpu_full_preset(tmp_path):
+  args = table1.parse_args(["--cpu-full"])
+  assert args.preset == "cpu_full" and not args.mini
+  assert (args.models, args.datasets, args.seeds) == (["vgg13"], ["cifar10"], [0, 1, 2])
+  assert args.optimizers == list(table1.OPTIMIZERS)
+  assert (args.epochs, args.width, args.batch_size, args.allow_subset) == (30, 0.125, 128,
+                                                                           False)
+  assert pathlib.Path(args.data_dir) == ROOT.parent / "shared/data/cifar10/cifar-10-batches-py"
+  assert pathlib.Path(args.out) == ROOT / "train/results/table1_cpu_full"
+  assert pathlib.Path(args.workdir_root) == ROOT / "workdirs/table1_cpu_full"
+  assert len(table1.grid(args)) == 12
+  assert table1.CPU_FULL_LABEL in table1.write_table(args, {}, tmp_path / "t.md")
+  cmd = table1.reproduce_command(args)
+  assert cmd.startswith("python train/table1.py --cpu-full --models vgg13 ")
+  assert "--data-dir ../shared/data/cifar10/cifar-10-batches-py" in cmd
+  # Explicit flags win over the preset; presets exclude each other.
+  assert table1.parse_args(["--cpu-full", "--epochs", "5"]).epochs == 5
+  with pytest.raises(SystemExit):
+    table1.parse_args(["--cpu-full", "--mini"])
+
+
+def test_paths_on_the_command_line_are_relative_to_the_cwd(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  args = table1.parse_args(["--cpu-full", "--data-dir", "d", "--out", "o",
+                            "--workdir-root", "w"])
+  assert (args.data_dir, args.out, args.workdir_root) == tuple(
+      str(tmp_path / n) for n in ("d", "o", "w"))
+  assert table1.parse_args(["--data-dir", "sample"]).data_dir == "sample"
+
+
+def test_dry_run_skips_finished_runs(tmp_path, capsys):
+  args = table1.parse_args(_grid_args(tmp_path))
+  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "sgd", 0), 3)
+  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "lars", 0), 2)  # unfinished
+  assert table1.main(_grid_args(tmp_path, "--dry-run")) == 0
+  out = capsys.readouterr().out
+  assert "skip cifar10-vgg13-sgd-s0: finished" in out
+  cmds = [line for line in out.splitlines() if "train/cifar.py" in line]
+  assert len(cmds) == 11  # 12 runs, one finished; the unfinished one is rerun (resumes)
+  assert any("cifar10-vgg13-lars-s0" in c for c in cmds)
+  assert all("--model vgg13" in c and "--epochs 3" in c and "--width 0.125" in c
+             and f"--data-dir {args.data_dir}" in c for c in cmds)
+
+
+def test_missing_data_stops_before_any_job_and_keeps_results(tmp_path, monkeypatch, capsys):
+  """Issue 13 item 1: a grid without its data started every job, then replaced the tracked
+  table with an all-'—' one. Now: one error line naming the path, no job, nothing written."""
+  out = tmp_path / "out"
+  out.mkdir()
+  table = "# Table 1\n\n| SGD | 62.55 |\n\n12/12 runs finished; training time 18.1 min.\n"
+  (out / "table1.md").write_text(table)
+  (out / "curves.png").write_bytes(b"png")
+  jobs = _NoJobs()
+  monkeypatch.setattr(table1.subprocess, "Popen", jobs)
+  missing = tmp_path / "no-shared" / "cifar10-mini"
+  rc = table1.main(["--mini", "--data-dir", str(missing), "--workdir-root",
+                    str(tmp_path / "w"), "--out", str(out), "--jobs", "2"])
+  err = capsys.readouterr().err
+  assert rc == 1
+  assert jobs.calls == []
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and str(missing) in errors[0], err
+  assert (out / "table1.md").read_text() == table
+  assert (out / "curves.png").read_bytes() == b"png"
+  assert not (tmp_path / "w" / "logs").exists()
+
+
+def test_corrupt_data_stops_before_any_job(tmp_path, monkeypatch, capsys):
+  bad = tmp_path / "cifar-10-batches-py"
+  bad.mkdir()
+  for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+               "data_batch_5", "test_batch"):
+    (bad / name).write_bytes(b"not a pickle")
+  jobs = _NoJobs()
+  monkeypatch.setattr(table1.subprocess, "Popen", jobs)
+  rc = table1.main(_grid_args(tmp_path, "--data-dir", str(bad)))
+  assert rc == 1 and jobs.calls == []
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "data_batch_1" in err and err.count("\n") == 1
+  assert not (tmp_path / "out").exists()
+
+
+def test_results_are_never_replaced_by_emptier_ones(tmp_path, capsys):
+  out = tmp_path / "out"
+  root = tmp_path / "w"
+  for opt in ("sgd", "lars"):
+    _fake_run(root, table1.run_name("cifar10", "vgg13", opt, 0), 3)
+  assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
+  text = (out / "table1.md").read_text()
+  assert table1.finished_in_table(out / "table1.md") == 2
+  assert "2/12 runs finished" in text
+  assert "**CPU-scale run (VGG13-BN at width 0.125, 3 epochs); the paper trains" in text
+  # A clone without the work directories (or with fewer of them) keeps the richer results.
+  shutil.rmtree(root / table1.run_name("cifar10", "vgg13", "lars", 0))
+  png = (out / "figure1.png").read_bytes()
+  capsys.readouterr()
+  assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
+  assert "warning: kept" in capsys.readouterr().err
+  assert (out / "table1.md").read_text() == text
+  assert (out / "figure1.png").read_bytes() == png
+  # More finished runs replace it; --force replaces it with fewer.
+  for opt in ("lars", "lsalr"):
+    _fake_run(root, table1.run_name("cifar10", "vgg13", opt, 0), 3)
+  assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
+  assert table1.finished_in_table(out / "table1.md") == 3
+  shutil.rmtree(root)
+  assert table1.main(_grid_args(tmp_path, "--report-only", "--force")) == 0
+  assert table1.finished_in_table(out / "table1.md") == 0
+
+
+def test_curve_band_median_and_range():
+  runs = {0: [{"epoch": 1, "x": 1.0}, {"epoch": 2, "x": 4.0}],
+          1: [{"epoch": 1, "x": 3.0}, {"epoch": 2, "x": float("nan")}],
+          2: [{"epoch": 1, "x": 2.0}, {"epoch": 2, "x": 5.0}]}
+  # Epoch 2 lacks a finite value for seed 1: only epoch 1 counts.
+  assert table1.curve_band(runs, "x", 10.0) == ([1], [20.0], [10.0], [30.0])
+  runs[1][1]["x"] = 6.0
+  assert table1.curve_band(runs, "x") == ([1, 2], [2.0, 5.0], [1.0, 4.0], [3.0, 6.0])
+  assert table1.curve_band(runs, "missing") == ([], [], [], [])
+
+
+def test_figure1_png_from_fake_metrics(tmp_path):
+  import matplotlib.image
+  args = table1.parse_args(_grid_args(tmp_path))
+  root = tmp_path / "w"
+  for i, opt in enumerate(table1.OPTIMIZERS):
+    for s in (0, 1, 2):
+      _fake_run(root, table1.run_name("cifar10", "vgg13", opt, s), 3, acc=0.5 + 0.1 * i,
+                loss=2.0 + s)
+  results = table1.collect(args)
+  assert len(results[("cifar10", "vgg13", "sgd")]) == 3
+  path = tmp_path / "figure1.png"
+  table1.plot_figure1(args, results, path)
+  img = matplotlib.image.imread(path)
+  assert img.shape[0] > 300 and img.shape[1] > 800
+  # Both panels drew coloured curves: the image is not blank.
+  assert np.std(img[..., :3]) > 0.05
+  # No temporary files left behind.
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_copied_configs_name_no_machine_path(tmp_path):
+  shared_data = str(ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py")
+  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "sgd", 0), 3,
+            data_dir=shared_data)
+  assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
+  runs = tmp_path / "out" / "runs"
+  config = json.loads((runs / "cifar10-vgg13-sgd-s0.config.json").read_text())
+  assert config["data_dir"] == "../shared/data/cifar10/cifar-10-batches-py"
+  assert (runs / "cifar10-vgg13-sgd-s0.metrics.jsonl").read_text().count("\n") == 3
+  text = (tmp_path / "out" / "table1.md").read_text()
+  assert str(ROOT.parent) not in text and str(tmp_path) not in text
+
+
+def test_committed_table1_results_name_no_machine_path():
+  for path in (ROOT / "train" / "results").glob("table1*/**/*"):
+    if path.suffix in (".md", ".json", ".jsonl"):
+      assert str(ROOT.parent) + os.sep not in path.read_text(), path
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_commit_commits_only_the_results_dir(tmp_path, monkeypatch):
+  repo = tmp_path / "repo"
+  (repo / "results").mkdir(parents=True)
+  env_cmd = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+  subprocess.run(["git", "init", "-q", str(repo)], check=True)
+  (repo / "other.txt").write_text("not mine")
+  (repo / "results" / "table1.md").write_text("table")
+  for k in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+    monkeypatch.setenv(k, "t")
+  for k in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+    monkeypatch.setenv(k, "t@t")
+  assert table1.git_commit(str(repo / "results"), "results: run finished")
+  files = subprocess.run([*env_cmd, "ls-files"], capture_output=True, text=True).stdout
+  assert files.split() == ["results/table1.md"]
+  # Nothing new: still a success, no empty commit.
+  assert table1.git_commit(str(repo / "results"), "again")
+  log = subprocess.run([*env_cmd, "log", "--oneline"], capture_output=True, text=True).stdout
+  assert log.count("\n") == 1
