@@ -1,6 +1,6 @@
 """Cuts the shipped CIFAR-10 sample, ``train/sample/cifar-10-python.tar.gz``, from cifar10-mini.
 
-    python -m train.make_sample /work/shared/data/cifar10-mini
+    python -m train.make_sample ../shared/data/cifar10-mini   # from the repository root
 
 The sample holds the first 100 training images of each class (in archive order, data_batch_1
 first) and the first 20 test images of each class, in their original order, written in the
