@@ -377,11 +377,15 @@ class FakeBuilder:
     return self.splits
 
 
+class _Builders(list):
+  hidden: list
+
+
 def fake_tfds(monkeypatch, **builder_kwargs):
   """Installs a fake tensorflow_datasets (and the modules the path needs); returns its builder."""
   module = types.ModuleType("tensorflow_datasets")
   module.__spec__ = importlib.machinery.ModuleSpec("tensorflow_datasets", None)
-  builders = []
+  builders = _Builders()
 
   def builder(name, data_dir=None):
     builders.append(FakeBuilder(name, data_dir, **builder_kwargs))
@@ -390,10 +394,13 @@ def fake_tfds(monkeypatch, **builder_kwargs):
   module.builder, module.as_numpy = builder, lambda tree: tree
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", module)
   for name in ("tensorflow", "importlib_resources"):
-    if importlib.util.find_spec(name) is None:
-      stub = types.ModuleType(name)
-      stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-      monkeypatch.setitem(sys.modules, name, stub)
+    stub = types.ModuleType(name)
+    stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    monkeypatch.setitem(sys.modules, name, stub)
+  hidden = []
+  sys.modules["tensorflow"].config = types.SimpleNamespace(
+      set_visible_devices=lambda devices, kind: hidden.append((devices, kind)))
+  builders.hidden = hidden
   return builders
 
 
@@ -445,6 +452,7 @@ def test_tfds_prepared_data_is_read_offline_without_probe(monkeypatch, tmp_path)
                         tfds_data_dir=tmp_path)
   assert builders[0].data_dir == str(tmp_path)
   assert builders[0].calls == ["as_dataset"]
+  assert builders.hidden == [([], "GPU")]  # TensorFlow kept off the GPUs, which JAX uses
   chex.assert_type([got.train_labels, got.test_labels], np.int32)
   np.testing.assert_array_equal(got.train_images, images)
   assert got.num_classes == 100 and "tensorflow-datasets (prepared in" in got.source

@@ -384,6 +384,10 @@ def _load_tfds(dataset: str, probe: Callable[[], Optional[str]],
         f"loading {dataset} without a data directory needs {', '.join(missing)} "
         f"(pip install 'optax_bm[tfds]'), which is not installed. {_ALTERNATIVES}")
   try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    # As in Flax's examples: keep TensorFlow off the accelerators, which belong to JAX (by
+    # default TF would reserve all GPU memory).
+    tf.config.set_visible_devices([], "GPU")
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except Exception as e:  # a broken install can fail on import in any way
     raise DataError(f"tensorflow-datasets is installed but cannot be imported "
