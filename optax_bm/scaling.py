@@ -6,7 +6,7 @@ transformation in :mod:`optax_bm.transform` only multiplies updates by what it r
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,8 @@ def _safe(m):
   return jnp.where(jnp.isfinite(m) & (m > 0), m, jnp.ones_like(m))
 
 
-def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array,
-                          path: str = "kernel") -> LocalHessianScalars:
+def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array, path: str = "kernel",
+                          gamma2: Optional[jax.Array] = None) -> LocalHessianScalars:
   r"""Scalar approximations of a block's local Hessians (SPEC §3, supplement §C.1).
 
   With ``r = ||W||_F^2 / n_out`` (mean squared row norm of ``W_row``) and
@@ -63,10 +63,16 @@ def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array,
   and ``m_a = s`` for the block's other parameters. A scalar that is 0 or not finite (an
   all-zero kernel) is replaced by 1.
 
+  With ``gamma2`` (the mean squared BatchNorm scale ``E[γ²]`` of a normalized block), the
+  block's output is ``γ`` times the normalized one, so its Jacobians with respect to the kernel
+  and the input carry ``γ``: ``m_W`` and ``m_z`` are multiplied by ``E[γ²]`` ("γ²-aware"
+  scalars; SPEC §6 point 4). ``m_a`` is unchanged (the offset's Jacobian does not carry γ).
+
   Args:
     spec: the kernel's :class:`LayerSpec` (any leaf of the block carries the same description).
     kernel: the block's current kernel.
     path: the kernel's path, for error messages.
+    gamma2: optional ``E[γ²]`` of the block's BatchNorm scale (ignored without BatchNorm).
 
   Returns:
     A :class:`LocalHessianScalars` of scalars in the kernel's compute dtype (at least f32).
@@ -83,23 +89,36 @@ def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array,
     r = sq / n_out
     m_w = s / r
     m_z = jnp.asarray(n_out / (m_in * spec.c), dtype)
+    if gamma2 is not None:
+      g2 = jnp.asarray(gamma2, dtype)
+      m_w, m_z = m_w * g2, m_z * g2
   else:
     m_w = s
     m_z = sq / m_in / c
   return LocalHessianScalars(_safe(m_w), s, _safe(m_z))
 
 
+# The leaf name Flax gives BatchNorm's scale γ (nnx.BatchNorm and linen.BatchNorm alike).
+BATCHNORM_SCALE_NAME = "scale"
+
+
 class _BlockPlan(NamedTuple):
-  """Static layout of a spec tree: which leaf is each block's kernel."""
+  """Static layout of a spec tree: which leaf is each block's kernel (and BatchNorm scale)."""
 
   num_blocks: int
   kernel_index: dict  # block -> leaf index of its kernel
   kernel_spec: dict  # block -> LayerSpec
+  scale_index: dict  # block -> leaf index of its BatchNorm scale γ (normalized blocks)
+
+
+def _is_batchnorm_scale(spec: LayerSpec, path: str) -> bool:
+  return (spec.normalized and not spec.is_kernel
+          and path.rsplit("/", 1)[-1] == BATCHNORM_SCALE_NAME)
 
 
 def plan_blocks(spec_leaves: Sequence[Any], paths: Sequence[str]) -> _BlockPlan:
   """Checks a flat list of specs describes a chain ``0..B-1`` with one kernel per block."""
-  kernel_index, kernel_spec, first_path, signature = {}, {}, {}, {}
+  kernel_index, kernel_spec, first_path, signature, scale_index = {}, {}, {}, {}, {}
   for i, (s, path) in enumerate(zip(spec_leaves, paths)):
     if not isinstance(s, LayerSpec):
       continue
@@ -116,8 +135,10 @@ def plan_blocks(spec_leaves: Sequence[Any], paths: Sequence[str]) -> _BlockPlan:
                          f"{path!r}.")
       kernel_index[b] = i
       kernel_spec[b] = s
+    elif _is_batchnorm_scale(s, path):
+      scale_index.setdefault(b, i)
   if not signature:
-    return _BlockPlan(0, {}, {})
+    return _BlockPlan(0, {}, {}, {})
   num_blocks = max(signature) + 1
   missing = [b for b in range(num_blocks) if b not in signature]
   if missing:
@@ -128,14 +149,18 @@ def plan_blocks(spec_leaves: Sequence[Any], paths: Sequence[str]) -> _BlockPlan:
     b = no_kernel[0]
     raise ValueError(f"optax_bm: block {b} has no kernel (role='kernel') leaf; its parameters "
                      f"include {first_path[b]!r}.")
-  return _BlockPlan(num_blocks, kernel_index, kernel_spec)
+  return _BlockPlan(num_blocks, kernel_index, kernel_spec, scale_index)
 
 
-def leaf_factors(spec_leaves, param_leaves, paths) -> list:
+def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = True,
+                 gamma_aware: bool = False) -> list:
   """``A_b / m_{b,.}`` for every leaf (``None`` for UNSCALED or masked leaves).
 
   ``param_leaves`` may hold ``optax.MaskedNode`` where ``optax.masked`` hid a parameter; a
-  masked kernel is an error only if some unmasked leaf needs its block's scalars.
+  masked kernel is an error only if some unmasked leaf needs its block's scalars. With
+  ``scale_others=False`` the non-kernel leaves get ``None`` (factor 1); with ``gamma_aware``
+  the scalars of normalized blocks use ``E[γ²]`` of the block's BatchNorm scale (the leaf
+  named ``scale``; see :func:`local_hessian_scalars`).
   """
   plan = plan_blocks(spec_leaves, paths)
   live = [isinstance(s, LayerSpec) and not isinstance(p, optax.MaskedNode)
@@ -152,7 +177,16 @@ def leaf_factors(spec_leaves, param_leaves, paths) -> list:
           f"optax_bm: the kernel {paths[k]!r} of block {b} is masked out, but parameters of "
           f"block {lowest} need its scalar local Hessian; mask whole chains from the top, or "
           "use optax_bm.UNSCALED in the spec tree instead.")
-    scalars[b] = local_hessian_scalars(plan.kernel_spec[b], param_leaves[k], paths[k])
+    gamma2 = None
+    if gamma_aware and b in plan.scale_index:
+      g = param_leaves[plan.scale_index[b]]
+      if isinstance(g, optax.MaskedNode):
+        raise ValueError(
+            f"optax_bm: gamma_aware scalars of block {b} need its BatchNorm scale "
+            f"{paths[plan.scale_index[b]]!r}, which is masked out.")
+      g = g.astype(_compute_dtype(g.dtype))
+      gamma2 = jax.lax.stop_gradient(jnp.mean(jnp.square(g)))
+    scalars[b] = local_hessian_scalars(plan.kernel_spec[b], param_leaves[k], paths[k], gamma2)
 
   # A_b = prod_{j>b} 1 / m_{j,z}, accumulated from the top block down.
   prefix = {}
@@ -164,7 +198,7 @@ def leaf_factors(spec_leaves, param_leaves, paths) -> list:
 
   out = []
   for s, ok in zip(spec_leaves, live):
-    if not ok:
+    if not ok or (not scale_others and not s.is_kernel):
       out.append(None)
       continue
     sc = scalars[s.block]
@@ -174,7 +208,8 @@ def leaf_factors(spec_leaves, param_leaves, paths) -> list:
   return out
 
 
-def block_scales(specs: specs_lib.SpecsOrFn, params: Any) -> Any:
+def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool = True,
+                 gamma_aware: bool = False) -> Any:
   r"""The factor that scale-amended SGD applies to every parameter's gradient.
 
   For a leaf of block ``b`` (SPEC §2):
@@ -190,6 +225,9 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any) -> Any:
     specs: a spec tree with the structure of ``params`` (as made by :func:`optax_bm.annotate`),
       or a callable returning one from ``params``.
     params: the current parameters.
+    scale_others: scale bias and BatchNorm leaves by ``A_b / m_{b,a}``; ``False`` leaves
+      them at factor 1 (see :func:`optax_bm.scale_by_back_matching`).
+    gamma_aware: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks by ``E[γ²]``.
 
   Returns:
     A pytree with the structure of ``params`` holding one scalar per leaf (dtype at least f32),
@@ -204,7 +242,8 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any) -> Any:
   """
   spec_tree = specs_lib.resolve(specs, params)
   spec_leaves, param_leaves, treedef, paths = specs_lib.flatten_specs_like(spec_tree, params)
-  factors = leaf_factors(spec_leaves, param_leaves, paths)
+  factors = leaf_factors(spec_leaves, param_leaves, paths, scale_others=scale_others,
+                         gamma_aware=gamma_aware)
   out = [jnp.ones((), _compute_dtype(p.dtype)) if f is None else f
          for f, p in zip(factors, param_leaves)]
   return jax.tree.unflatten(treedef, out)

@@ -33,7 +33,8 @@ class LayerSpec:
     role: ``"kernel"`` for the block's kernel ``W_b``; ``"other"`` for its bias and BatchNorm
       scale/offset ``a_b``.
     kind: ``"conv"`` or ``"dense"``: the kind of the block's kernel op.
-    s: output positions of the kernel op per example (``q1*q2`` for a convolution, 1 for dense).
+    s: output positions of the kernel op per example (``q1*q2`` for a convolution, 1 for dense);
+      a positive number (fractional for :func:`optax_bm.annotate`'s ``pooling="effective"``).
     c: spatial contraction: spatial positions of the block's input over those of its output
       feature map, counted before any flattening (4 for a 2x2 pool or a stride-2 SAME
       convolution, 1 for a dense kernel).
@@ -59,14 +60,16 @@ class LayerSpec:
       bad(f"role must be {KERNEL!r} or {OTHER!r}")
     if self.kind not in (CONV, DENSE):
       bad(f"kind must be {CONV!r} or {DENSE!r}")
-    if isinstance(self.s, bool) or not isinstance(self.s, numbers.Integral) or self.s < 1:
-      bad("s (output positions per example) must be an int >= 1")
+    if isinstance(self.s, bool) or not isinstance(self.s, numbers.Real) or not self.s > 0:
+      bad("s (output positions per example) must be a positive number")
     if isinstance(self.c, bool) or not isinstance(self.c, numbers.Real) or not self.c > 0:
       bad("c (spatial contraction) must be a positive number")
     if not isinstance(self.normalized, bool):
       bad("normalized must be a bool")
     object.__setattr__(self, "block", int(self.block))
-    object.__setattr__(self, "s", int(self.s))
+    # Position counts are ints; annotate(..., pooling="effective") makes fractional ones.
+    s = float(self.s)
+    object.__setattr__(self, "s", int(s) if s.is_integer() else s)
     object.__setattr__(self, "c", float(self.c))
 
   @property

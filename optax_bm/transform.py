@@ -23,7 +23,8 @@ def _is_masked(x):
   return isinstance(x, optax.MaskedNode)
 
 
-def scale_by_back_matching(specs: specs_lib.SpecsOrFn) -> optax.GradientTransformation:
+def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = True,
+                           gamma_aware: bool = False) -> optax.GradientTransformation:
   r"""Rescales every block's update by its scalar local Hessians (scale-amended SGD).
 
   Back-matching propagation (SPEC §2) solves, from the top block down, one local problem
@@ -44,6 +45,13 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn) -> optax.GradientTransfor
     specs: a tree of :class:`optax_bm.LayerSpec` (or :data:`optax_bm.UNSCALED`) with the
       structure of the parameters, as made by :func:`optax_bm.annotate`, or a callable
       returning one from the parameters (like optax masks).
+    scale_others: multiply bias and BatchNorm leaves by ``A_b / m_{b,a}`` (SPEC v1). With
+      ``False`` they keep factor 1, which is the back-matching step with ``P_{b,a} = A_b I``
+      (so the equivalence with block-wise back-matching still holds); the authors' code
+      rescales only kernels (SPEC §6 point 3).
+    gamma_aware: multiply the kernel and input scalars ``m_{b,W}``, ``m_{b,z}`` of every block
+      with BatchNorm by the mean squared BatchNorm scale ``E[γ²]`` of that block (SPEC §6
+      point 4; see :func:`optax_bm.local_hessian_scalars`).
 
   Returns:
     An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
@@ -75,7 +83,8 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn) -> optax.GradientTransfor
     spec_leaves, update_leaves, treedef, paths = specs_lib.flatten_specs_like(
         spec_tree, updates, what="updates", is_leaf=_is_masked)
     param_leaves = specs_lib.leaves_at(params, paths, what="params", is_leaf=_is_masked)
-    factors = scaling.leaf_factors(spec_leaves, param_leaves, paths)
+    factors = scaling.leaf_factors(spec_leaves, param_leaves, paths,
+                                   scale_others=scale_others, gamma_aware=gamma_aware)
     out = [u if f is None or _is_masked(u) else (u * f).astype(u.dtype)
            for u, f in zip(update_leaves, factors)]
     return jax.tree.unflatten(treedef, out), state
@@ -90,6 +99,10 @@ def scale_amended_sgd(
     nesterov: bool = True,
     weight_decay: Union[float, jax.Array] = 5e-3,
     weight_decay_mask: Optional[Union[Any, Any]] = None,
+    *,
+    scale_others: bool = True,
+    gamma_aware: bool = False,
+    decay_before_scaling: bool = True,
 ) -> optax.GradientTransformation:
   r"""Scale-amended SGD, the paper's optimizer (SPEC §4).
 
@@ -101,7 +114,9 @@ def scale_amended_sgd(
     d = f_b \odot (g + λ θ), \qquad v \leftarrow μ v + d, \qquad
     θ \leftarrow θ - η\,(d + μ v) \;\text{(Nesterov)}\;\text{or}\; θ - η v.
 
-  Weight decay enters the gradient before the layer-wise scaling, as in the baselines.
+  Weight decay enters the gradient before the layer-wise scaling, as in the baselines
+  (``decay_before_scaling=False`` adds it after: ``d = f_b ⊙ g + λθ``, as ``torch.optim.SGD``
+  would after the authors' in-place rescaling of ``.grad``; SPEC §6 point 1).
 
   Args:
     learning_rate: a global learning rate or an optax schedule (paper: 0.1).
@@ -110,6 +125,10 @@ def scale_amended_sgd(
     nesterov: Nesterov momentum (paper: True).
     weight_decay: ``λ`` (paper: 5e-3 for this optimizer, 1e-3 for the baselines).
     weight_decay_mask: optional optax mask (pytree or callable) of the leaves to decay.
+    scale_others: rescale bias and BatchNorm parameters too (see
+      :func:`scale_by_back_matching`); ``False`` leaves them at plain SGD.
+    gamma_aware: BatchNorm-``γ²``-aware scalars (see :func:`scale_by_back_matching`).
+    decay_before_scaling: where weight decay enters (see above).
 
   Returns:
     An :class:`optax.GradientTransformation` whose ``update`` requires ``params``. Works with
@@ -123,8 +142,10 @@ def scale_amended_sgd(
     Zhang, Chen & Liu, *On the Local Hessian in Back-propagation*, NeurIPS 2018, §4 and
     supplement §D.
   """
-  return layerwise_sgd(scale_by_back_matching(specs), learning_rate, weight_decay,
-                       weight_decay_mask, momentum, nesterov)
+  return layerwise_sgd(
+      scale_by_back_matching(specs, scale_others=scale_others, gamma_aware=gamma_aware),
+      learning_rate, weight_decay, weight_decay_mask, momentum, nesterov,
+      decay_before_scaling=decay_before_scaling)
 
 
 def layerwise_sgd(
@@ -134,15 +155,19 @@ def layerwise_sgd(
     weight_decay_mask: Optional[Union[Any, Any]],
     momentum: Optional[float],
     nesterov: bool,
+    decay_before_scaling: bool = True,
 ) -> optax.GradientTransformation:
   """The shape shared by Table 1's layer-wise optimizers (SPEC §4).
 
   ``add_decayed_weights`` (weight decay enters before any layer-wise scaling) ->
-  ``scaling`` -> ``trace`` (momentum, unless ``None``) -> ``scale_by_learning_rate``.
+  ``scaling`` -> ``trace`` (momentum, unless ``None``) -> ``scale_by_learning_rate``; with
+  ``decay_before_scaling=False`` the decay comes after ``scaling`` instead.
   """
+  decay = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+  first, second = (decay, scaling) if decay_before_scaling else (scaling, decay)
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      scaling,
+      first,
+      second,
       (optax.trace(decay=momentum, nesterov=nesterov) if momentum is not None
        else optax.identity()),
       optax.scale_by_learning_rate(learning_rate),

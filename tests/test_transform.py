@@ -252,7 +252,7 @@ def test_inconsistent_block_specs_are_rejected():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("block", -1, "block must be >= 0"), ("role", "bias", "role must be"),
-    ("kind", "conv3d", "kind must be"), ("s", 0, "s .* must be an int >= 1"),
+    ("kind", "conv3d", "kind must be"), ("s", 0, "s .* must be a positive number"), ("s", "4", "s .* must be a positive"),
     ("c", 0.0, "c .* must be a positive"), ("normalized", 1, "normalized must be a bool"),
 ])
 def test_layer_spec_rejects_invalid_values(field, value, msg):

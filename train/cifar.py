@@ -28,7 +28,8 @@ In the shape of Flax's examples (``create_train_state``, ``train_step``, ``eval_
   and on resume, so after any crash it holds exactly the checkpointed epochs.
 
 Exit status: 0 on success, 1 for unusable data (``train.data.DataError``), 2 for bad
-command-line input (argparse's own errors included), each reported as one ``error:`` line.
+command-line input (argparse's own errors included), 3 for a run whose training loss turned
+non-finite (:class:`Diverged`), each reported as one ``error:`` line.
 
 Usage: ``python train/cifar.py --help``.
 """
@@ -104,6 +105,13 @@ class Config:
   train_subset: Optional[int] = None  # use only the first N training images
   test_subset: Optional[int] = None  # evaluate on the first N test images only
   allow_subset: bool = False  # accept known CIFAR subsets (cifar10-mini); "sample" implies it
+  val_split: int = 0  # hold out the last N training images (never trained on) for validation
+  # Scale-amended SGD's reading of the paper (SPEC §6); None: the library's default. Only
+  # used (and recorded) for optimizer="scale_amended".
+  sa_pooling: Optional[str] = None  # optax_bm.annotate(pooling=...)
+  sa_scale_others: Optional[bool] = None  # scale_amended_sgd(scale_others=...)
+  sa_gamma_aware: Optional[bool] = None  # scale_amended_sgd(gamma_aware=...)
+  sa_decay_before_scaling: Optional[bool] = None  # scale_amended_sgd(decay_before_scaling=...)
 
   def resolved(self) -> "Config":
     """Fills lr / weight decay with the paper's values and makes data_dir absolute."""
@@ -114,13 +122,30 @@ class Config:
     data_dir = self.data_dir
     if data_dir not in (None, "sample"):
       data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    reading = {}
+    for field, default in sa_reading_defaults().items():
+      value = getattr(self, field)
+      reading[field] = ((default if value is None else value)
+                        if self.optimizer == "scale_amended" else None)
     return dataclasses.replace(
         self, lr=float(lr if self.lr is None else self.lr),
         weight_decay=float(wd if self.weight_decay is None else self.weight_decay),
-        data_dir=data_dir)
+        data_dir=data_dir, **reading)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def sa_reading_defaults() -> dict:
+  """The library's default reading of the paper (SPEC §6), as :class:`Config` fields."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  import optax_bm  # pylint: disable=import-outside-toplevel
+  ann = inspect.signature(optax_bm.annotate).parameters
+  sgd = inspect.signature(optax_bm.scale_amended_sgd).parameters
+  return {"sa_pooling": ann["pooling"].default,
+          "sa_scale_others": sgd["scale_others"].default,
+          "sa_gamma_aware": sgd["gamma_aware"].default,
+          "sa_decay_before_scaling": sgd["decay_before_scaling"].default}
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,6 +160,10 @@ class Setup(NamedTuple):
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   dtype: Any
+  # --log-blocks: paths of every block's kernel (block order), and a params -> per-block
+  # factor function (scale-amended only); empty / None when not logging.
+  block_kernels: tuple = ()
+  block_factors: Optional[Callable] = None
 
 
 def create_model(config: Config, num_classes: int, rngs: nnx.Rngs,
@@ -181,14 +210,17 @@ def create_optimizer(config: Config, schedule: optax.Schedule,
   if config.optimizer == "scale_amended":
     if specs is None:
       raise ValueError("scale_amended needs the model's spec tree (optax_bm.annotate)")
-    return optax_bm.scale_amended_sgd(schedule, specs, momentum=mom, nesterov=nest,
-                                      weight_decay=wd)
+    return optax_bm.scale_amended_sgd(
+        schedule, specs, momentum=mom, nesterov=nest, weight_decay=wd,
+        scale_others=config.sa_scale_others, gamma_aware=config.sa_gamma_aware,
+        decay_before_scaling=config.sa_decay_before_scaling)
   raise UsageError(f"unknown optimizer {config.optimizer!r}; choose from "
                    f"{', '.join(OPTIMIZERS)}")
 
 
 def create_train_state(config: Config, num_classes: int, steps_per_epoch: int, *,
-                       small_map_conv: Optional[bool] = None) -> tuple[Setup, dict]:
+                       small_map_conv: Optional[bool] = None,
+                       log_blocks: bool = False) -> tuple[Setup, dict]:
   """Builds the model and optimizer; returns the static setup and the (host) train state.
 
   The state is ``{"step", "params", "batch_stats", "opt_state"}`` (plain pytrees of arrays,
@@ -201,11 +233,15 @@ def create_train_state(config: Config, num_classes: int, steps_per_epoch: int, *
   model = _init_fn(config.model, num_classes, config.width, config.compute_dtype,
                    small_map_conv)(jax.random.key(config.seed))
   specs = None
-  if config.optimizer == "scale_amended":
+  if config.optimizer == "scale_amended" or log_blocks:
     import optax_bm  # pylint: disable=import-outside-toplevel
-    specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+    specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
+                              pooling=config.sa_pooling or "before")
   schedule = create_schedule(config, steps_per_epoch)
   tx = create_optimizer(config, schedule, specs)
+  block_kernels, block_factors = (), None
+  if log_blocks:
+    block_kernels, block_factors = _block_logging(config, specs)
   model.train()
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.eval()
@@ -213,7 +249,49 @@ def create_train_state(config: Config, num_classes: int, steps_per_epoch: int, *
   params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
            "opt_state": jax.jit(tx.init)(params)}
-  return Setup(graphdef, eval_graphdef, tx, schedule, DTYPES[config.compute_dtype]), state
+  return Setup(graphdef, eval_graphdef, tx, schedule, DTYPES[config.compute_dtype],
+               block_kernels, block_factors), state
+
+
+def _block_logging(config: Config, specs) -> tuple:
+  """Kernel paths in block order, and (scale-amended) a params -> [factor per block] function."""
+  import optax_bm  # pylint: disable=import-outside-toplevel
+  from optax_bm import specs as specs_lib  # pylint: disable=import-outside-toplevel
+  flat = jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, optax_bm.LayerSpec))[0]
+  kernels = sorted((s.block, specs_lib.path_str(p)) for p, s in flat
+                   if isinstance(s, optax_bm.LayerSpec) and s.is_kernel)
+  paths = tuple(p for _, p in kernels)
+  if config.optimizer != "scale_amended":
+    return paths, None
+
+  def factors(params):
+    scales = optax_bm.block_scales(specs, params, scale_others=config.sa_scale_others,
+                                   gamma_aware=config.sa_gamma_aware)
+    return jnp.stack([jnp.asarray(x, jnp.float32)
+                      for x in _leaves_at(scales, paths)])
+
+  return paths, factors
+
+
+def _leaves_at(tree, paths) -> list:
+  from optax_bm import specs as specs_lib  # pylint: disable=import-outside-toplevel
+  return specs_lib.leaves_at(tree, paths)
+
+
+def block_statistics(setup: Setup, params) -> dict:
+  """Per block (host side, end of an epoch): kernel norm ``‖W_b‖`` and BatchNorm ``E[γ²]``."""
+  kernels = _leaves_at(params, setup.block_kernels)
+  gammas = []
+  for path in setup.block_kernels:
+    prefix = path.rsplit("/", 2)[0]  # blocks/3/conv/kernel -> blocks/3
+    try:
+      (g,) = _leaves_at(params, [f"{prefix}/bn/scale"])
+      gammas.append(float(np.mean(np.square(np.asarray(g, np.float64)))))
+    except ValueError:
+      gammas.append(None)  # no BatchNorm (the classifier)
+  return {"w_norm": [float(np.linalg.norm(np.asarray(k, np.float64))) for k in kernels],
+          "gamma2": gammas}
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,6 +324,14 @@ def train_step(state: dict, images: jax.Array, labels: jax.Array, *,
   metrics = {"loss": loss * n,
              "correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
              "count": jnp.asarray(n, jnp.float32)}
+  if setup.block_kernels:  # --log-blocks: effective angular step ‖ΔW_b‖ / ‖W_b‖ per block
+    w = _leaves_at(state["params"], setup.block_kernels)
+    u = _leaves_at(updates, setup.block_kernels)
+    metrics["angular_step"] = jnp.stack(
+        [jnp.linalg.norm(ui.astype(jnp.float32)) / jnp.linalg.norm(wi.astype(jnp.float32))
+         for wi, ui in zip(w, u)])
+    if setup.block_factors is not None:
+      metrics["factor"] = setup.block_factors(state["params"])
   return {"step": state["step"] + 1, "params": params, "batch_stats": batch_stats,
           "opt_state": opt_state}, metrics
 
@@ -261,8 +347,14 @@ def eval_step(state: dict, images: jax.Array, labels: jax.Array, mask: jax.Array
           "count": jnp.sum(m)}
 
 
-def _zeros_metrics():
-  return {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
+def _zeros_metrics(setup: Optional[Setup] = None):
+  """Zero metric sums: (loss, correct, count), plus the per-block sums of --log-blocks."""
+  out = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
+  if setup is not None and setup.block_kernels:
+    out["angular_step"] = jnp.zeros((len(setup.block_kernels),), jnp.float32)
+    if setup.block_factors is not None:
+      out["factor"] = jnp.zeros((len(setup.block_kernels),), jnp.float32)
+  return out
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -381,18 +473,23 @@ class EpochRunner:
 
   def __init__(self, setup: Setup, mesh: Mesh, config: Config, data: "_Data",
                steps_per_epoch: int, eval_batch_size: int, steps_per_call: int):
-    self.data, self.mesh = data, mesh
+    self.data, self.mesh, self.setup = data, mesh, setup
     self.steps_per_epoch = steps_per_epoch
     self.eval_batch_size = eval_batch_size
+    # Evaluation splits: (images, labels, mask) padded to eval_batch_size; "val" if held out.
+    self.splits = {"test": (data.test_images, data.test_labels, data.test_mask)}
+    if data.num_val:
+      self.splits["val"] = (data.val_images, data.val_labels, data.val_mask)
     self.eval_steps = data.test_images.shape[0] // eval_batch_size
     self._scalars: dict = {}
     self.batches_fn = make_epoch_batches(config, mesh, data.num_train)
     self.train_plan = self._plan(steps_per_epoch, steps_per_call)
-    self.eval_plan = self._plan(self.eval_steps, steps_per_call)
+    self.eval_plans = {name: self._plan(arrays[0].shape[0] // eval_batch_size, steps_per_call)
+                       for name, arrays in self.splits.items()}
     self.train_fns = {k: make_train_steps(setup, mesh, config, k)
                       for k in {k for _, k in self.train_plan}}
-    self.eval_fns = {k: make_eval_steps(setup, mesh, eval_batch_size, config.dataset, k)
-                     for k in {k for _, k in self.eval_plan}}
+    self.eval_fns = {(name, k): make_eval_steps(setup, mesh, eval_batch_size, config.dataset, k)
+                     for name, plan in self.eval_plans.items() for k in {k for _, k in plan}}
 
   @staticmethod
   def _plan(total: int, per_call: int) -> list:
@@ -408,31 +505,30 @@ class EpochRunner:
     d = self.data
     self.batches_fn = self.batches_fn.lower(self._scalar(0)).compile()
     batches, key = self.batches_fn(self._scalar(0))
+    train_zeros = replicate(jax.device_get(_zeros_metrics(self.setup)), self.mesh)
     zeros = replicate(jax.device_get(_zeros_metrics()), self.mesh)
     for k, f in self.train_fns.items():
-      self.train_fns[k] = f.lower(state, zeros, d.train_images, d.train_labels, batches, key,
-                                  self._scalar(0)).compile()
-    for k, f in self.eval_fns.items():
-      self.eval_fns[k] = f.lower(zeros, state, d.test_images, d.test_labels, d.test_mask,
-                                 self._scalar(0)).compile()
+      self.train_fns[k] = f.lower(state, train_zeros, d.train_images, d.train_labels, batches,
+                                  key, self._scalar(0)).compile()
+    for (name, k), f in self.eval_fns.items():
+      self.eval_fns[name, k] = f.lower(zeros, state, *self.splits[name],
+                                       self._scalar(0)).compile()
 
   def train_epoch(self, state, epoch: int):
     """Trains one epoch; returns the new state and the metric sums (on the device)."""
     d = self.data
     batches, key = self.batches_fn(self._scalar(epoch))
-    sums = replicate(jax.device_get(_zeros_metrics()), self.mesh)
+    sums = replicate(jax.device_get(_zeros_metrics(self.setup)), self.mesh)
     for first, k in self.train_plan:
       state, sums = self.train_fns[k](state, sums, d.train_images, d.train_labels, batches,
                                       key, self._scalar(first))
     return state, sums
 
-  def evaluate(self, state):
-    """Metric sums over the test split (on the device), with BatchNorm's running averages."""
-    d = self.data
+  def evaluate(self, state, split: str = "test"):
+    """Metric sums over a split ("test" or "val"; on the device), with running averages."""
     sums = replicate(jax.device_get(_zeros_metrics()), self.mesh)
-    for first, k in self.eval_plan:
-      sums = self.eval_fns[k](sums, state, d.test_images, d.test_labels, d.test_mask,
-                              self._scalar(first))
+    for first, k in self.eval_plans[split]:
+      sums = self.eval_fns[split, k](sums, state, *self.splits[split], self._scalar(first))
     return sums
 
 
@@ -460,6 +556,8 @@ def check_config(config: Config, workdir: str) -> bool:
   except (OSError, ValueError) as e:
     raise UsageError(f"cannot read {path}: {e}") from None
   new = config.to_json()
+  # A config written before a field existed ran with that field's default.
+  stored = {**{f.name: f.default for f in dataclasses.fields(Config)}, **stored}
   diff = [f"{k}: {stored.get(k)!r} there, {new.get(k)!r} here"
           for k in sorted(set(stored) | set(new)) if stored.get(k) != new.get(k)]
   if diff:
@@ -548,26 +646,50 @@ class _Data(NamedTuple):
   num_test: int
   num_classes: int
   source: str
+  val_images: Optional[jax.Array] = None  # --val-split: held out from the training set
+  val_labels: Optional[jax.Array] = None
+  val_mask: Optional[jax.Array] = None
+  num_val: int = 0
+
+
+def _padded(x, y, multiple: int):
+  """Pads an evaluation split to a multiple of the eval batch; returns (x, y, mask)."""
+  n = len(y)
+  padded = _pad_to(max(n, 1), multiple)
+  mask = np.zeros(padded, bool)
+  mask[:n] = True
+  x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
+  y = np.concatenate([y, np.zeros(padded - n, np.int32)])
+  return x, y, mask
 
 
 def load_data(config: Config, mesh: Mesh, eval_batch_size: int) -> _Data:
-  """Loads CIFAR on every process and puts it on the mesh (replicated, test set padded)."""
+  """Loads CIFAR on every process and puts it on the mesh (replicated, eval splits padded).
+
+  ``--val-split N`` holds out the last N training images first (never trained on, never
+  augmented); ``--train-subset`` then keeps the first images of the rest.
+  """
   ds = data_lib.load_cifar(config.dataset, config.data_dir, allow_subset=config.allow_subset)
   tr_x, tr_y = np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)
   te_x, te_y = np.asarray(ds.test_images), np.asarray(ds.test_labels, np.int32)
+  n_val = config.val_split
+  if n_val >= len(tr_y):
+    raise UsageError(f"--val-split {n_val} leaves no training images (the training set has "
+                     f"{len(tr_y)})")
+  va_x, va_y = tr_x[len(tr_y) - n_val:], tr_y[len(tr_y) - n_val:]
+  tr_x, tr_y = tr_x[:len(tr_y) - n_val], tr_y[:len(tr_y) - n_val]
   if config.train_subset:
     tr_x, tr_y = tr_x[:config.train_subset], tr_y[:config.train_subset]
   if config.test_subset:
     te_x, te_y = te_x[:config.test_subset], te_y[:config.test_subset]
   n_test = len(te_y)
-  padded = _pad_to(max(n_test, 1), eval_batch_size)
-  mask = np.zeros(padded, bool)
-  mask[:n_test] = True
-  te_x = np.concatenate([te_x, np.zeros((padded - n_test,) + te_x.shape[1:], te_x.dtype)])
-  te_y = np.concatenate([te_y, np.zeros(padded - n_test, np.int32)])
+  te_x, te_y, mask = _padded(te_x, te_y, eval_batch_size)
   tr_x, tr_y, te_x, te_y, mask = replicate((tr_x, tr_y, te_x, te_y, mask), mesh)
+  val = (None, None, None)
+  if n_val:
+    val = replicate(_padded(va_x, va_y, eval_batch_size), mesh)
   return _Data(tr_x, tr_y, te_x, te_y, mask, len(tr_y), n_test, int(ds.num_classes),
-               str(getattr(ds, "source", "")))
+               str(getattr(ds, "source", "")), *val, n_val)
 
 
 def _log(msg: str) -> None:
@@ -587,19 +709,37 @@ def _validate(config: Config) -> None:
       raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
   if config.width <= 0:
     raise UsageError("--width must be positive")
+  if config.val_split < 0:
+    raise UsageError(f"--val-split must be >= 0 (got {config.val_split})")
   n = jax.device_count()
   if config.batch_size % n:
     raise UsageError(f"batch size {config.batch_size} is not divisible by the device count "
                      f"{n}; use a multiple of {n}")
 
 
+class Diverged(RuntimeError):
+  """The training loss turned non-finite; the run stops (exit code 3)."""
+
+
+def _finite_or_none(x):
+  # metrics.jsonl and config.json hold only valid JSON: NaN/inf are recorded as null.
+  x = float(x)
+  return x if math.isfinite(x) else None
+
+
 def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
                        eval_batch_size: int = 500, keep_checkpoints: int = 3,
-                       steps_per_call: Optional[int] = None) -> list:
+                       steps_per_call: Optional[int] = None, log_blocks: bool = False) -> list:
   """Trains (resuming from the last checkpoint in ``workdir``) and returns the metrics history.
 
   Every epoch: one jitted call trains on the epoch's permutation of the training set, one
-  evaluates on the test split, a checkpoint is written, then ``metrics.jsonl``.
+  evaluates on the validation split (``val_split > 0``) and one on the test split, a
+  checkpoint is written, then ``metrics.jsonl``. With ``log_blocks`` every record also holds
+  ``blocks``: per block (input to classifier) the mean effective angular step
+  ``‖ΔW_b‖/‖W_b‖`` of its kernel over the epoch's steps, the mean scale-amended factor
+  ``A_b/m_{b,W}`` (scale-amended runs), and at the epoch's end ``‖W_b‖`` and BatchNorm's
+  ``E[γ²]``. A non-finite training loss ends the run: its record is marked ``"diverged"``,
+  checkpointed, and :class:`Diverged` is raised (also on a rerun).
   """
   config = config.resolved()
   _validate(config)
@@ -617,7 +757,8 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   if not has_config:
     write_config(config, workdir)
 
-  setup, state = create_train_state(config, data.num_classes, steps_per_epoch)
+  setup, state = create_train_state(config, data.num_classes, steps_per_epoch,
+                                    log_blocks=log_blocks)
   state = replicate(state, mesh)
   mngr = checkpoint_manager(workdir, keep_checkpoints)
   history: list = []
@@ -625,11 +766,17 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
     state, history = restore_checkpoint(mngr, state)
   write_metrics(workdir, history)  # drops epochs after the checkpoint (crash mid-epoch)
   start = len(history)
+  if history and history[-1].get("diverged"):
+    mngr.close()
+    raise Diverged(f"the run in {workdir} diverged in epoch {history[-1]['epoch']} "
+                   "(non-finite training loss); nothing to resume: use another --lr or "
+                   "--workdir")
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   _log(f"{config.dataset} {config.model} width={config.width:g} ({n_params:,} params) "
        f"{config.optimizer} lr={config.lr:g} wd={config.weight_decay:g} {config.schedule} "
        f"batch={config.batch_size} epochs={config.epochs} seed={config.seed} "
-       f"dtype={config.compute_dtype}; data: {data.num_train} train / {data.num_test} test "
+       f"dtype={config.compute_dtype}; data: {data.num_train} train / {data.num_val} val / "
+       f"{data.num_test} test "
        f"({data.source}); {ndev} device(s) on {jax.process_count()} process(es) "
        f"[{jax.devices()[0].platform}]" + (f"; resuming after epoch {start}" if start else ""))
   if start >= config.epochs:
@@ -656,26 +803,50 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
     state, train_sums = runner.train_epoch(state, epoch)
     train_sums = jax.device_get(train_sums)  # the epoch's one host sync for training
     t_train = time.time() - t_epoch
+    val_sums = jax.device_get(runner.evaluate(state, "val")) if data.num_val else None
     test_sums = jax.device_get(runner.evaluate(state))
-    if not np.isfinite(train_sums["loss"]):
-      _log(f"warning: non-finite training loss in epoch {epoch + 1}")
+    diverged = not np.isfinite(train_sums["loss"])
+    count = train_sums["count"]
     record = {
         "epoch": epoch + 1,
-        "train_loss": float(train_sums["loss"] / train_sums["count"]),
-        "train_acc": float(train_sums["correct"] / train_sums["count"]),
-        "test_loss": float(test_sums["loss"] / test_sums["count"]),
+        "train_loss": _finite_or_none(train_sums["loss"] / count),
+        "train_acc": float(train_sums["correct"] / count),
+    }
+    if val_sums is not None:
+      record["val_loss"] = _finite_or_none(val_sums["loss"] / val_sums["count"])
+      record["val_acc"] = float(val_sums["correct"] / val_sums["count"])
+    record.update({
+        "test_loss": _finite_or_none(test_sums["loss"] / test_sums["count"]),
         "test_acc": float(test_sums["correct"] / test_sums["count"]),
         "lr": lr,
         "seconds": round(time.time() - t_epoch, 3),
-        "images_per_sec": round(float(train_sums["count"]) / max(t_train, 1e-9), 1),
-    }
+        "images_per_sec": round(float(count) / max(t_train, 1e-9), 1),
+    })
+    if setup.block_kernels:
+      blocks = {"angular_step": [_finite_or_none(x) for x in train_sums["angular_step"] / count
+                                 * config.batch_size]}
+      if "factor" in train_sums:
+        blocks["factor"] = [_finite_or_none(x) for x in train_sums["factor"] / count
+                            * config.batch_size]
+      blocks.update(block_statistics(setup, jax.device_get(state["params"])))
+      record["blocks"] = blocks
+    if diverged:
+      record["diverged"] = True
     history.append(record)
     save_checkpoint(mngr, epoch + 1, state, history)
     write_metrics(workdir, history)
-    msg = (f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
-           f"acc {100 * record['train_acc']:.2f}% | test loss {record['test_loss']:.4f} "
-           f"acc {100 * record['test_acc']:.2f}% | lr {lr:.4g} | {record['seconds']:.1f}s "
-           f"{record['images_per_sec']:.0f} img/s")
+    if diverged:
+      bar.close()
+      mngr.close()
+      raise Diverged(f"training loss is not finite in epoch {epoch + 1} (lr {config.lr:g}); "
+                     f"stopped, the record is kept in {os.path.join(workdir, 'metrics.jsonl')}")
+    fmt = lambda x: "nan" if x is None else f"{x:.4f}"
+    val_msg = (f" | val loss {fmt(record['val_loss'])} acc {100 * record['val_acc']:.2f}%"
+               if val_sums is not None else "")
+    msg = (f"epoch {epoch + 1}/{config.epochs}: train loss {fmt(record['train_loss'])} "
+           f"acc {100 * record['train_acc']:.2f}%{val_msg} | test loss "
+           f"{fmt(record['test_loss'])} acc {100 * record['test_acc']:.2f}% | lr {lr:.4g} | "
+           f"{record['seconds']:.1f}s {record['images_per_sec']:.0f} img/s")
     if bar.disable:
       _log(msg)
     else:
@@ -695,7 +866,7 @@ def _summary(config: Config, history: list, workdir: str, seconds: float) -> Non
     return
   _log(f"summary: {config.dataset} {config.model} width={config.width:g} {config.optimizer} "
        f"seed={config.seed}: final test acc {100 * last['test_acc']:.2f}% "
-       f"(test loss {last['test_loss']:.4f}, train acc {100 * last['train_acc']:.2f}%) after "
+       f"(test loss {last['test_loss']}, train acc {100 * last['train_acc']:.2f}%) after "
        f"epoch {last['epoch']}/{config.epochs}; {seconds:.0f}s this session; "
        f"workdir {workdir}")
 
@@ -764,6 +935,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="use only the first N training images (smoke tests)")
   p.add_argument("--test-subset", type=int, default=None,
                  help="evaluate on the first N test images only (smoke tests)")
+  p.add_argument("--val-split", type=int, default=0,
+                 help="hold out the last N training images (never trained on, never "
+                      "augmented) and log val_loss/val_acc each epoch; 0: the paper's protocol")
+  p.add_argument("--log-blocks", action="store_true",
+                 help="log per block: effective angular step |dW|/|W|, scale-amended factor, "
+                      "kernel norm, BatchNorm E[gamma^2] (metrics.jsonl 'blocks')")
+  g = p.add_argument_group("scale-amended SGD's reading of the paper (SPEC §6; default: the "
+                           "library's default)")
+  g.add_argument("--sa-pooling", choices=("before", "after", "effective"), default=None,
+                 help="optax_bm.annotate(pooling=...)")
+  g.add_argument("--sa-others", choices=("scaled", "unscaled"), default=None,
+                 help="rescale bias/BatchNorm parameters (scale_others=True) or not")
+  g.add_argument("--sa-gamma", choices=("aware", "ignored"), default=None,
+                 help="BatchNorm-gamma^2-aware scalars (gamma_aware=True) or not")
+  g.add_argument("--sa-decay", choices=("before", "after"), default=None,
+                 help="weight decay added before or after the scaling")
   p.add_argument("--workdir", required=True, help="config, metrics and checkpoints")
   p.add_argument("--eval-only", action="store_true",
                  help="evaluate the workdir's last checkpoint on the test split")
@@ -801,7 +988,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 schedule=args.schedule, width=args.width, compute_dtype=args.compute_dtype,
                 seed=args.seed, data_dir=args.data_dir, allow_subset=args.allow_subset,
                 train_subset=args.train_subset,
-                test_subset=args.test_subset)
+                test_subset=args.test_subset, val_split=args.val_split,
+                sa_pooling=args.sa_pooling,
+                sa_scale_others=None if args.sa_others is None else args.sa_others == "scaled",
+                sa_gamma_aware=None if args.sa_gamma is None else args.sa_gamma == "aware",
+                sa_decay_before_scaling=(None if args.sa_decay is None
+                                         else args.sa_decay == "before"))
 
 
 def set_cpu_xla_flags(environ=os.environ) -> None:
@@ -831,13 +1023,16 @@ def main(argv=None) -> int:
       train_and_evaluate(config_from_args(args), args.workdir,
                          progress=not args.no_progress, eval_batch_size=args.eval_batch_size,
                          keep_checkpoints=args.keep_checkpoints,
-                         steps_per_call=args.steps_per_call)
+                         steps_per_call=args.steps_per_call, log_blocks=args.log_blocks)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except data_lib.DataError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except Diverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 3
   except KeyboardInterrupt:
     print("interrupted; rerun the same command to resume from the last checkpoint",
           file=sys.stderr)
