@@ -333,8 +333,33 @@ def _check_linen_batch_norm_mode(jaxpr, n_params: int, rest: Any, n_outputs: int
         "annotate(module, variables, x, train=True).")
 
 
+POOLING_READINGS = ("before", "after", "effective")
+
+
+def _positions(pooling: str, kind: str, s: int, c_op: float, c_pool: float,
+               pool_below: float) -> dict:
+  """``s`` and ``c`` of one block under a reading of the paper's pooling (SPEC §6 point 2).
+
+  ``s`` is the kernel op's output positions, ``c_op`` its own spatial contraction (stride),
+  ``c_pool`` the block's contraction after the kernel op (pooling), ``pool_below`` the
+  previous block's ``c_pool``.
+  """
+  if pooling == "before":  # SPEC v1
+    return dict(s=s, c=c_op * c_pool)
+  if pooling == "after":  # the authors' script: s after pooling, c on the reading block
+    return dict(s=s / c_pool, c=c_op * pool_below)
+  # "effective": fitted to measured local Hessians at initialization (assumes BN -> ReLU
+  # [-> max-pool], as in VGG): ReLU passes gradient through half the positions, a max-pool of
+  # k positions through one (nonzero with probability 1 - 2^-k); H_z fits c = sqrt(c_pool).
+  if kind == DENSE:
+    return dict(s=s, c=c_op * c_pool)
+  rho = 0.5 if c_pool == 1 else (1.0 - 2.0 ** -c_pool) / c_pool
+  return dict(s=s * rho, c=c_op * c_pool ** 0.5)
+
+
 def annotate(model: Any, *sample_args: Any,
              unscaled: Optional[Union[Iterable[str], Any, Callable[[Any], Any]]] = None,
+             pooling: str = "before",
              **sample_kwargs: Any) -> Any:
   """Annotates every parameter of a Flax model with its block (a spec tree).
 
@@ -352,6 +377,15 @@ def annotate(model: Any, *sample_args: Any,
     unscaled: parameters to leave out of the rescaling (spec :data:`optax_bm.UNSCALED`):
       an iterable of paths like ``"embed/scale"``, an optax-style mask (tree of bools or
       callable on params). Without it, a parameter the annotation cannot place is an error.
+    pooling: how the block's pooling enters ``s`` and ``c`` (SPEC §6 point 2):
+      ``"before"`` (SPEC v1): ``s`` counts the kernel op's output positions, before the
+      block's pooling, and the pooling's contraction sits in the pooled block's own ``c``;
+      ``"after"`` (the first author's public script): ``s`` counts the block's output
+      positions after pooling, and the pooling's contraction moves to ``c`` of the block that
+      reads the pooled map; ``"effective"``: positions that carry gradient through
+      ReLU and max-pool (``s/2`` unpooled, ``s (1 - 2^-k)/k`` after a ``k``-position max-pool)
+      and ``c = sqrt(k)``, the fit to the local Hessians measured at initialization
+      (``train/results/local_hessian/vgg.md``; assumes BatchNorm -> ReLU -> max-pool).
     **sample_kwargs: keyword arguments of the forward pass.
 
   Returns:
@@ -440,12 +474,16 @@ def annotate(model: Any, *sample_args: Any,
     raise ValueError("optax_bm.annotate: the model's output does not depend on its last kernel "
                      f"{paths[tracer.kernels[-1].param]!r}.")
 
+  if pooling not in POOLING_READINGS:
+    raise ValueError(f"optax_bm.annotate: pooling={pooling!r}; choose from "
+                     f"{', '.join(map(repr, POOLING_READINGS))}.")
   block_specs = []
+  pool_below = 1.0  # c_pool of the previous block (pooling="after" moves it up one block)
   for b, op in enumerate(tracer.kernels):
     n_out = op.out_shape[-1]
     s = _per_example_size(op.out_shape) // n_out
     if op.kind == DENSE:
-      c = 1.0
+      c_op = c_pool = 1.0
     else:
       nxt = tracer.next_inputs.get(b + 1) or out_shapes
       size = _per_example_size(nxt[0])
@@ -454,9 +492,13 @@ def annotate(model: Any, *sample_args: Any,
             f"optax_bm.annotate: cannot count the output positions of block {b} (kernel "
             f"{paths[op.param]!r}): its output of {size} values per example is not a multiple "
             f"of its {n_out} channels.")
-      c = (_per_example_size(op.in_shape) // op.in_shape[-1]) / (size // n_out)
-    normalized = frozenset({b + 1}) in tracer.batch_reduced
-    block_specs.append(dict(kind=op.kind, s=s, c=c, normalized=normalized))
+      # SPEC's c = input positions / block output positions = c_op (stride) · c_pool.
+      c_op = (_per_example_size(op.in_shape) // op.in_shape[-1]) / s
+      c_pool = s / (size // n_out)
+    block_specs.append(dict(kind=op.kind, **_positions(pooling, op.kind, s, c_op, c_pool,
+                                                       pool_below),
+                            normalized=frozenset({b + 1}) in tracer.batch_reduced))
+    pool_below = c_pool
 
   skip = _unscaled_paths(unscaled, params, paths)
   kernel_of = {op.param: b for b, op in enumerate(tracer.kernels)}
