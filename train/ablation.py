@@ -1,0 +1,411 @@
+"""Does scale-amended SGD beat SGD? The ablation of SPEC §6 on the full CIFAR-10.
+
+Each run is ``train/cifar.py`` in a subprocess with its own work directory (so the grid resumes
+where it stopped: finished or diverged runs are skipped, interrupted ones resume from their
+last checkpoint), with a 5,000-image validation split held out from the training set
+(``--val-split``) and per-block logging (``--log-blocks``). Choices are made on the
+validation split; the test split is only reported.
+
+Phases:
+
+* ``screen``: VGG11-BN width 1/8, 10 epochs, step decay, batch 128, seed 0; SGD and every
+  scale-amended reading over the same learning-rate sweep (0.01, 0.03, 0.1, 0.3), LARS over
+  (1, 2, 4).
+* ``confirm``: the finalists (``--finalists READING@LR ...``, chosen on validation from the
+  screen) with 3 seeds at 30 epochs.
+
+After every finished run its ``config.json`` and ``metrics.jsonl`` are copied to
+``train/results/ablation_cifar10/runs/`` and ``ablation.md``, ``curves.png`` and
+``blocks.png`` are regenerated from all finished runs (``--git-commit`` also commits them).
+
+Examples::
+
+  python train/ablation.py --phase screen --jobs 2
+  python train/ablation.py --phase confirm --finalists sgd@0.1 sa_unscaled@0.03 --jobs 2
+  python train/ablation.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple, Optional
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CIFAR_PY = REPO / "train" / "cifar.py"
+DATA_DIR = REPO.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
+OUT = REPO / "train" / "results" / "ablation_cifar10"
+WORKDIRS = REPO / "workdirs" / "ablation_cifar10"
+VAL_SPLIT = 5000
+MODEL, WIDTH, BATCH = "vgg11", 0.125, 128
+
+# Readings of SPEC §6 (trainer flags). "sa_unscaled" is the base the single-point variations
+# start from: SPEC v1 with bias/BatchNorm left at plain SGD (the best reading measured so far).
+READINGS = {
+    "sgd": ("SGD (wd 1e-3)", ["--optimizer", "sgd"]),
+    "lars": ("LARS (wd 1e-3, trust 1e-3)", ["--optimizer", "lars"]),
+    "sa_v1": ("SA: SPEC v1 (bias/BN scaled)", [
+        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "scaled",
+        "--sa-gamma", "ignored", "--sa-decay", "before"]),
+    "sa_unscaled": ("SA: bias/BN unscaled", [
+        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
+        "--sa-gamma", "ignored", "--sa-decay", "before"]),
+    "sa_pool_after": ("SA: unscaled + authors' pooling", [
+        "--optimizer", "scale_amended", "--sa-pooling", "after", "--sa-others", "unscaled",
+        "--sa-gamma", "ignored", "--sa-decay", "before"]),
+    "sa_pool_effective": ("SA: unscaled + effective positions", [
+        "--optimizer", "scale_amended", "--sa-pooling", "effective", "--sa-others", "unscaled",
+        "--sa-gamma", "ignored", "--sa-decay", "before"]),
+    "sa_gamma": ("SA: unscaled + gamma^2-aware", [
+        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
+        "--sa-gamma", "aware", "--sa-decay", "before"]),
+    "sa_decay_after": ("SA: unscaled + decay after scaling", [
+        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
+        "--sa-gamma", "ignored", "--sa-decay", "after"]),
+}
+LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
+LARS_LRS = (2.0, 1.0, 4.0)
+SCREEN_EPOCHS, CONFIRM_EPOCHS, CONFIRM_SEEDS = 10, 30, (0, 1, 2)
+COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "sa_v1": "tab:red", "sa_unscaled": "tab:green",
+          "sa_pool_after": "tab:purple", "sa_pool_effective": "tab:brown",
+          "sa_gamma": "tab:pink", "sa_decay_after": "tab:gray"}
+
+
+class Run(NamedTuple):
+  reading: str
+  lr: float
+  epochs: int
+  seed: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.reading}-lr{self.lr:g}-e{self.epochs}-s{self.seed}"
+
+
+def screen_runs() -> list:
+  runs = []
+  for i in range(max(len(LRS), len(LARS_LRS))):
+    for reading in READINGS:
+      lrs = LARS_LRS if reading == "lars" else LRS
+      if i < len(lrs):
+        runs.append(Run(reading, lrs[i], SCREEN_EPOCHS, 0))
+  return runs
+
+
+def confirm_runs(finalists) -> list:
+  runs = []
+  for seed in CONFIRM_SEEDS:
+    for f in finalists:
+      reading, _, lr = f.partition("@")
+      if reading not in READINGS or not lr:
+        raise SystemExit(f"error: --finalists {f!r}: expected READING@LR with READING one of "
+                         f"{', '.join(READINGS)}")
+      runs.append(Run(reading, float(lr), CONFIRM_EPOCHS, seed))
+  return runs
+
+
+def read_metrics(path: pathlib.Path) -> list:
+  if not path.exists():
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def status(history: list, epochs: int) -> str:
+  if history and history[-1].get("diverged"):
+    return "diverged"
+  if history and history[-1].get("epoch") == epochs:
+    return "finished"
+  return "unfinished" if history else "not started"
+
+
+def command(run: Run) -> list:
+  return [sys.executable, str(CIFAR_PY), "--data-dir", os.path.relpath(DATA_DIR, REPO),
+          "--model", MODEL, "--width", f"{WIDTH:g}", "--batch-size", str(BATCH),
+          "--epochs", str(run.epochs), "--lr", f"{run.lr:g}", "--seed", str(run.seed),
+          "--val-split", str(VAL_SPLIT), "--log-blocks", "--no-progress",
+          *READINGS[run.reading][1], "--workdir", os.path.relpath(WORKDIRS / run.name, REPO)]
+
+
+def _commit(paths, message: str) -> None:
+  for _ in range(10):  # other agents may hold the index lock for a moment
+    add = subprocess.run(["git", "add", "--", *paths], cwd=REPO, capture_output=True)
+    done = subprocess.run(["git", "commit", "-q", "-m", message, "--", *paths], cwd=REPO,
+                          capture_output=True, text=True)
+    if add.returncode == 0 and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
+      return
+    time.sleep(3)
+  print(f"warning: could not commit {message!r}: {done.stderr.strip()}", flush=True)
+
+
+def execute(run: Run, git_commit: bool) -> str:
+  workdir = WORKDIRS / run.name
+  hist = read_metrics(workdir / "metrics.jsonl")
+  st = status(hist, run.epochs)
+  if st in ("finished", "diverged"):
+    return st
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / "log.txt", "a") as log:
+    rc = subprocess.run(command(run), cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+  st = status(read_metrics(workdir / "metrics.jsonl"), run.epochs)
+  print(f"{run.name}: {st} (exit {rc})", flush=True)
+  if st in ("finished", "diverged"):
+    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
+    for f in ("config.json", "metrics.jsonl"):
+      tmp = OUT / "runs" / f".{run.name}.{f}.tmp"
+      shutil.copyfile(workdir / f, tmp)
+      os.replace(tmp, OUT / "runs" / f"{run.name}.{f}")
+    report()
+    if git_commit:
+      _commit([str(OUT.relative_to(REPO))], f"ablation_cifar10: {run.name} {st}")
+  return st
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def collect() -> list:
+  rows = []
+  for cfg in sorted(OUT.glob("runs/*.config.json")):
+    name = cfg.name[:-len(".config.json")]
+    reading, lr, epochs, seed = name.rsplit("-", 3)
+    hist = read_metrics(OUT / "runs" / f"{name}.metrics.jsonl")
+    run = Run(reading, float(lr[2:]), int(epochs[1:]), int(seed[1:]))
+    rows.append((run, hist, status(hist, run.epochs)))
+  return rows
+
+
+def _final(hist, key):
+  v = hist[-1].get(key) if hist else None
+  return None if v is None else float(v)
+
+
+def _pct(x) -> str:
+  return "—" if x is None else f"{100 * x:.2f}"
+
+
+def _spread(xs) -> str:
+  xs = [x for x in xs if x is not None]
+  if not xs:
+    return "—"
+  med = statistics.median(xs)
+  return f"{100 * med:.2f} [{100 * min(xs):.2f}–{100 * max(xs):.2f}]" if len(xs) > 1 else \
+      f"{100 * med:.2f}"
+
+
+def best_lrs(rows, epochs: int) -> dict:
+  """Per reading, the learning rate with the highest final validation accuracy (seed 0)."""
+  best = {}
+  for run, hist, st in rows:
+    if run.epochs != epochs or run.seed != 0:
+      continue
+    acc = _final(hist, "val_acc") if st == "finished" else None
+    if acc is not None and (run.reading not in best or acc > best[run.reading][1]):
+      best[run.reading] = (run.lr, acc)
+  return best
+
+
+def write_table(rows) -> str:
+  lines = [
+      "# Does scale-amended SGD beat SGD? Ablation on the full CIFAR-10",
+      "",
+      f"VGG11-BN width {WIDTH:g}, batch {BATCH}, step decay (x0.1 at 50% and 75%), Nesterov "
+      f"momentum 0.9, float32, CPU. Training on 45,000 images; the last {VAL_SPLIT:,} training "
+      "images are a held-out validation split (choices are made on it); test = the official "
+      "10,000 test images (reported, never used to choose). Final-epoch numbers. Weight decay: "
+      "SGD/LARS 1e-3, scale-amended 5e-3 (the paper's settings). Generated by "
+      "`python train/ablation.py --report-only` from `runs/`.",
+      "",
+  ]
+  for epochs, title in ((SCREEN_EPOCHS, "Screen: one seed"),
+                        (CONFIRM_EPOCHS, "Confirmation: 3 seeds")):
+    sel = [r for r in rows if r[0].epochs == epochs]
+    if not sel:
+      continue
+    lines += [f"## {title}, {epochs} epochs", ""]
+    if epochs == SCREEN_EPOCHS:
+      lrs = sorted({r[0].lr for r in sel})
+      lines += ["Final validation accuracy % (test accuracy %) per learning rate; "
+                "`div` = training loss turned non-finite (run stopped); the best learning "
+                "rate of each reading on validation in bold.", ""]
+      lines += ["| reading | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+                "|---|" + "---|" * len(lrs)]
+      best = best_lrs(rows, epochs)
+      for reading, (label, _) in READINGS.items():
+        cells, any_run = [], False
+        for lr in lrs:
+          match = [r for r in sel if r[0].reading == reading and r[0].lr == lr]
+          if not match:
+            cells.append("")
+            continue
+          any_run = True
+          _, hist, st = match[0]
+          if st == "diverged":
+            cells.append(f"div (ep {hist[-1]['epoch']})")
+            continue
+          if st != "finished":
+            cells.append("…")
+            continue
+          cell = f"{_pct(_final(hist, 'val_acc'))} ({_pct(_final(hist, 'test_acc'))})"
+          if best.get(reading, (None,))[0] == lr:
+            cell = f"**{cell}**"
+          cells.append(cell)
+        if any_run:
+          lines.append(f"| {label} | " + " | ".join(cells) + " |")
+      lines.append("")
+    else:
+      lines += ["Median [min–max] over seeds of the final-epoch accuracy %.", "",
+                "| reading | lr | seeds | validation | test | train loss |", "|---|---|---|---|---|---|"]
+      keys = sorted({(r[0].reading, r[0].lr) for r in sel})
+      for reading, lr in keys:
+        fin = [r for r in sel if (r[0].reading, r[0].lr) == (reading, lr) and r[2] == "finished"]
+        if not fin:
+          continue
+        loss = statistics.median(_final(h, "train_loss") or float("nan") for _, h, _ in fin)
+        lines.append(f"| {READINGS[reading][0]} | {lr:g} | {len(fin)} | "
+                     f"{_spread([_final(h, 'val_acc') for _, h, _ in fin])} | "
+                     f"{_spread([_final(h, 'test_acc') for _, h, _ in fin])} | {loss:.3f} |")
+      lines.append("")
+  lines += _block_table(rows)
+  text = "\n".join(lines) + "\n"
+  tmp = OUT / ".ablation.md.tmp"
+  tmp.write_text(text)
+  os.replace(tmp, OUT / "ablation.md")
+  return text
+
+
+def _block_table(rows) -> list:
+  """Per block at the best lr of each reading (screen): angular step, factor, |W|, E[γ²]."""
+  best = best_lrs(rows, SCREEN_EPOCHS)
+  out = []
+  for reading, (lr, _) in best.items():
+    hist = next(h for r, h, _ in rows if r.reading == reading and r.lr == lr
+                and r.epochs == SCREEN_EPOCHS and r.seed == 0)
+    if "blocks" not in hist[0]:
+      continue
+    if not out:
+      out += ["## Per block, at each reading's best learning rate (screen)", "",
+              "Effective angular step = mean over an epoch's steps of ‖ΔW_b‖/‖W_b‖ (kernel), "
+              "in epoch 1 and in the last epoch before the first decay (epoch 5); factor = the "
+              "mean scale-amended factor A_b/m_{b,W} in epoch 5; ‖W_b‖ and E[γ²] at the end of "
+              "training. Blocks 0–7 are the convolutions, 8 the classifier.", ""]
+    e1 = hist[0]["blocks"]
+    e5 = hist[min(4, len(hist) - 1)]["blocks"]
+    last = hist[-1]["blocks"]
+    fmt = lambda xs: " ".join("—" if x is None else f"{x:.3g}" for x in xs)
+    out += [f"**{READINGS[reading][0]}, lr {lr:g}**", "",
+            f"- angular step, epoch 1: {fmt(e1['angular_step'])}",
+            f"- angular step, epoch 5: {fmt(e5['angular_step'])}"]
+    if "factor" in e5:
+      out.append(f"- factor, epoch 5: {fmt(e5['factor'])}")
+    out += [f"- ‖W_b‖, end: {fmt(last['w_norm'])}",
+            f"- E[γ²], end: {fmt(last['gamma2'])}", ""]
+  return out
+
+
+def plot(rows) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  best = best_lrs(rows, SCREEN_EPOCHS)
+  if not best:
+    return
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for reading, (lr, _) in best.items():
+    hist = next(h for r, h, _ in rows if r.reading == reading and r.lr == lr
+                and r.epochs == SCREEN_EPOCHS and r.seed == 0)
+    ep = [h["epoch"] for h in hist]
+    kw = dict(color=COLORS.get(reading), label=f"{READINGS[reading][0]}, lr {lr:g}")
+    axes[0].plot(ep, [h.get("train_loss") for h in hist], **kw)
+    axes[1].plot(ep, [100 * h["val_acc"] for h in hist], **kw)
+    if "blocks" in hist[0]:
+      mid = hist[min(4, len(hist) - 1)]["blocks"]["angular_step"]
+      axes[2].semilogy(range(len(mid)), mid, marker="o", **kw)
+  axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss (best lr on val)")
+  axes[1].set(xlabel="epoch", ylabel="validation accuracy %", title="validation accuracy")
+  axes[2].set(xlabel="block (0 = first conv, last = classifier)",
+              ylabel="mean ||dW||/||W|| per step", title="effective angular step, epoch 5")
+  axes[1].legend(fontsize=7)
+  fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {SCREEN_EPOCHS} epochs, seed 0 "
+               "(screen)")
+  fig.tight_layout()
+  tmp = OUT / ".curves.png.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, OUT / "curves.png")
+  plt.close(fig)
+  conf = [r for r in rows if r[0].epochs == CONFIRM_EPOCHS and r[2] == "finished"]
+  if conf:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for reading, lr in sorted({(r.reading, r.lr) for r, _, _ in conf}):
+      hists = [h for r, h, _ in conf if (r.reading, r.lr) == (reading, lr)]
+      n = min(len(h) for h in hists)
+      ep = list(range(1, n + 1))
+      for ax, key, scale in ((axes[0], "train_loss", 1), (axes[1], "test_acc", 100)):
+        vals = [[scale * (h[i].get(key) or float("nan")) for h in hists] for i in range(n)]
+        c = COLORS.get(reading)
+        ax.plot(ep, [statistics.median(v) for v in vals], color=c,
+                label=f"{READINGS[reading][0]}, lr {lr:g} ({len(hists)} seeds)")
+        ax.fill_between(ep, [min(v) for v in vals], [max(v) for v in vals], color=c, alpha=0.2)
+    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="test accuracy %", ylim=(40, None))
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {CONFIRM_EPOCHS} epochs: median "
+                 "over seeds, range shaded")
+    fig.tight_layout()
+    tmp = OUT / ".confirm.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, OUT / "confirm.png")
+    plt.close(fig)
+
+
+def report() -> None:
+  rows = collect()
+  if rows:
+    write_table(rows)
+    plot(rows)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--phase", choices=("screen", "confirm"), default="screen")
+  p.add_argument("--finalists", nargs="+", default=(), help="READING@LR for --phase confirm")
+  p.add_argument("--readings", nargs="+", choices=tuple(READINGS), default=None,
+                 help="only these readings")
+  p.add_argument("--jobs", type=int, default=2)
+  p.add_argument("--git-commit", action="store_true",
+                 help="commit the results directory after every finished run")
+  p.add_argument("--dry-run", action="store_true")
+  p.add_argument("--report-only", action="store_true")
+  args = p.parse_args(argv)
+  if args.report_only:
+    report()
+    return 0
+  if not (DATA_DIR / "data_batch_1").exists():
+    print(f"error: the full CIFAR-10 is not at {os.path.relpath(DATA_DIR, REPO)} (relative "
+          "to the repository); see ../shared/data/README.md", file=sys.stderr)
+    return 1
+  runs = screen_runs() if args.phase == "screen" else confirm_runs(args.finalists)
+  if args.readings:
+    runs = [r for r in runs if r.reading in args.readings]
+  if args.dry_run:
+    for r in runs:
+      print(" ".join(command(r)))
+    return 0
+  with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    results = list(pool.map(lambda r: execute(r, args.git_commit), runs))
+  print(f"{sum(s in ('finished', 'diverged') for s in results)}/{len(runs)} runs done")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
