@@ -31,6 +31,7 @@ from jax.scipy.sparse.linalg import cg
 
 from optax_bm import scaling
 from optax_bm import specs as specs_lib
+from optax_bm.hessian.local import gauss_newton_matvec
 
 BlockFn = Callable[[Any, Any], Any]  # F_b(params_b, z_{b-1}) -> z_b
 
@@ -57,7 +58,11 @@ def _local_losses(fn, loss_fn, target, n):
 
 
 def _gauss_newton_solve(fn, loss_fn, target, n, theta, z, grad, wrt, damping, maxiter):
-  """Solves (G + λI) d = grad with CG; G the Gauss-Newton matrix of the local loss."""
+  """Solves (G + λI) d = grad with CG; G the Gauss-Newton matrix of the local loss.
+
+  ``G = scale · J^T C J`` (:func:`optax_bm.hessian.gauss_newton_matvec`): ``C`` is the
+  training loss's Hessian for the top block, ``I`` for ``½‖t - F‖²`` below it.
+  """
   flat_grad, unravel = ravel_pytree(grad)
 
   def out_of(v):
@@ -66,17 +71,13 @@ def _gauss_newton_solve(fn, loss_fn, target, n, theta, z, grad, wrt, damping, ma
   point = theta if wrt == "params" else z
   scale = (1.0 / n if wrt == "params" else 1.0) if target is not None else (
       1.0 if wrt == "params" else float(n))
+  curvature = None
+  if target is None:  # J^T ∇²ℓ J for the training loss
+    curvature = lambda out, u: jax.jvp(jax.grad(loss_fn), (out,), (u,))[1]  # noqa: E731
+  gn = gauss_newton_matvec(out_of, point, curvature=curvature, scale=scale)
 
   def matvec(flat_v):
-    v = unravel(flat_v)
-    out, jv = jax.jvp(out_of, (point,), (v,))
-    if target is None:  # J^T ∇²ℓ J for the training loss
-      hjv = jax.jvp(jax.grad(loss_fn), (out,), (jv,))[1]
-    else:  # J^T J for ½‖t - F‖²
-      hjv = jv
-    _, vjp = jax.vjp(out_of, point)
-    (jt,) = vjp(hjv)
-    return scale * ravel_pytree(jt)[0] + damping * flat_v
+    return ravel_pytree(gn(unravel(flat_v)))[0] + damping * flat_v
 
   sol, _ = cg(matvec, flat_grad, maxiter=maxiter, tol=1e-10)
   return unravel(sol)
@@ -93,6 +94,9 @@ def back_matching_step(
     damping: float = 1e-3,
     cg_maxiter: int = 100,
     inner_steps: int = 5,
+    *,
+    scale_others: bool = True,
+    gamma_aware: bool = False,
 ) -> BackMatchingResult:
   r"""One iteration of back-matching propagation over an explicit chain of blocks.
 
@@ -113,6 +117,11 @@ def back_matching_step(
     damping: ``λ`` of ``"gauss_newton"``.
     cg_maxiter: conjugate-gradient iterations of ``"gauss_newton"``.
     inner_steps: inner iterations of ``"steps"``.
+    scale_others: for ``"scalar"``: ``P_{b,a} = m_{b,a} I`` for bias/BatchNorm (SPEC v1);
+      ``False``: ``P_{b,a} = A_b I`` (``A_b`` the product of ``1/m_{j,z}`` above block ``b``),
+      the preconditioner that leaves them at plain gradient steps on ``J``.
+    gamma_aware: for ``"scalar"``: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks
+      by ``E[γ²]`` of their BatchNorm scale (:func:`optax_bm.local_hessian_scalars`).
 
   Returns:
     A :class:`BackMatchingResult` with the new parameters, the targets ``z_b^{k+1/2}`` and the
@@ -143,6 +152,7 @@ def back_matching_step(
   new_params: list = [None] * num_blocks
   targets: list = [None] * num_blocks
   target = None  # z_b^{k+1/2} from the block above; None: the top block's training loss
+  a_prod = 1.0  # A_b = prod_{j>b} 1/m_{j,z} (scalar solver)
   for b in reversed(range(num_blocks)):
     fn, th, z = blocks[b], params[b], zs[b]
     theta_loss, z_loss = _local_losses(fn, loss_fn, target, n)
@@ -162,7 +172,9 @@ def back_matching_step(
       if solver == "gradient":
         d_th, d_z = g_th, g_z
       elif solver == "scalar":
-        m_leaf, m_z = _block_scalars(specs[b], th, b)
+        m_leaf, m_z = _block_scalars(specs[b], th, b, gamma_aware,
+                                     None if scale_others else a_prod)
+        a_prod = a_prod / m_z
         d_th = jax.tree.map(lambda g, m: g / m, g_th, m_leaf)
         d_z = None if g_z is None else jax.tree.map(lambda g: g / m_z, g_z)
       else:  # gauss_newton
@@ -179,17 +191,23 @@ def back_matching_step(
   return BackMatchingResult(new_params, targets, zs)
 
 
-def _block_scalars(spec_tree, params_b, b):
-  """Per-leaf ``m`` (kernel: m_W, others: m_a) and ``m_z`` of one block, from its specs."""
+def _block_scalars(spec_tree, params_b, b, gamma_aware=False, m_other=None):
+  """Per-leaf ``m`` (kernel: m_W, others: m_a or ``m_other``) and ``m_z`` of one block."""
   spec_leaves, leaves, treedef, paths = specs_lib.flatten_specs_like(spec_tree, params_b)
   kernels = [(s, p, path) for s, p, path in zip(spec_leaves, leaves, paths)
              if isinstance(s, specs_lib.LayerSpec) and s.is_kernel]
   if len(kernels) != 1:
     raise ValueError(f"back_matching_step: block {b} needs exactly one kernel spec, found "
                      f"{len(kernels)}.")
-  sc = scaling.local_hessian_scalars(*kernels[0])
+  gamma2 = None
+  if gamma_aware:  # this block's BatchNorm scale γ, found as scaling.leaf_factors finds it
+    gammas = [p for s, p, path in zip(spec_leaves, leaves, paths)
+              if isinstance(s, specs_lib.LayerSpec) and scaling._is_batchnorm_scale(s, path)]  # pylint: disable=protected-access
+    gamma2 = jnp.mean(jnp.square(gammas[0])) if gammas else None
+  sc = scaling.local_hessian_scalars(*kernels[0], gamma2=gamma2)
+  m_a = sc.m_a if m_other is None else m_other
   m_leaf = [jnp.ones((), p.dtype) if not isinstance(s, specs_lib.LayerSpec)
-            else (sc.m_w if s.is_kernel else sc.m_a) for s, p in zip(spec_leaves, leaves)]
+            else (sc.m_w if s.is_kernel else m_a) for s, p in zip(spec_leaves, leaves)]
   return jax.tree.unflatten(treedef, m_leaf), sc.m_z
 
 

@@ -14,6 +14,18 @@ from flax import nnx
 from optax_bm import LayerSpec
 
 
+def batch_norm(features, *, rngs, dtype=jnp.float32):
+  """``nnx.BatchNorm`` whose running statistics are in ``dtype`` too.
+
+  Flax keeps them in float32 whatever ``dtype``; a float64 training-mode pass would then write
+  float64 averages into them, which JAX warns will be an error (dtype-cast FutureWarning).
+  """
+  bn = nnx.BatchNorm(features, rngs=rngs, dtype=dtype, param_dtype=dtype)
+  bn.mean = nnx.BatchStat(bn.mean[...].astype(dtype))
+  bn.var = nnx.BatchStat(bn.var[...].astype(dtype))
+  return bn
+
+
 class ConvBlock(nnx.Module):
   """conv -> [BatchNorm] -> ReLU -> [pool] -> [flatten | global average pool]."""
 
@@ -21,7 +33,7 @@ class ConvBlock(nnx.Module):
                dtype=jnp.float32):
     self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME", rngs=rngs,
                          dtype=dtype, param_dtype=dtype)
-    self.bn = nnx.BatchNorm(cout, rngs=rngs, dtype=dtype, param_dtype=dtype) if bn else None
+    self.bn = batch_norm(cout, rngs=rngs, dtype=dtype) if bn else None
     self.pool = pool
     self.tail = tail
 
@@ -44,7 +56,7 @@ class DenseBlock(nnx.Module):
 
   def __init__(self, din, dout, *, rngs, bn=False, relu=False, dtype=jnp.float32):
     self.fc = nnx.Linear(din, dout, rngs=rngs, dtype=dtype, param_dtype=dtype)
-    self.bn = nnx.BatchNorm(dout, rngs=rngs, dtype=dtype, param_dtype=dtype) if bn else None
+    self.bn = batch_norm(dout, rngs=rngs, dtype=dtype) if bn else None
     self.relu = relu
 
   def __call__(self, x):
