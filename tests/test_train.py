@@ -6,6 +6,7 @@ run ``train/cifar.py`` in subprocesses on the shipped sample (``--data-dir sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -405,3 +406,125 @@ def test_table1_report_from_finished_runs(tmp_path):
   assert "| SGD | 25.00 [20.00, 30.00] (92.34) |" in text
   assert "| scale-amended | 40.00 [40.00, 1 seed(s) missing] (92.45) |" in text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 13: reliability of the command line (workdir, numeric flags, resume, cache)
+
+
+def _strict_json(text):
+  """json.loads that refuses NaN/Infinity (which Python's json writes and reads by default)."""
+  return json.loads(text, parse_constant=lambda c: pytest.fail(f"not valid JSON: {c}"))
+
+
+def test_bad_flags_and_workdirs_fail_before_the_data(tmp_path, capsys):
+  afile = tmp_path / "f"
+  afile.write_text("x\n")
+  cases = {  # name: (extra args, workdir, text in the error line)
+      "workdir file": ([], afile, "exists and is not a directory"),
+      "workdir under a file": ([], afile / "sub", "cannot create or write it"),
+      "workdir in /sys": ([], pathlib.Path("/sys/optax_bm_x"), "cannot create or write it"),
+      "keep 0": (["--keep-checkpoints", "0"], tmp_path / "k", "--keep-checkpoints must be at least 1"),
+      "lr nan": (["--lr", "nan"], tmp_path / "a", "--lr must be a positive number (got nan)"),
+      "lr negative": (["--lr", "-0.1"], tmp_path / "b", "--lr must be a positive number"),
+      "lr inf": (["--lr", "inf"], tmp_path / "c", "--lr must be a positive number"),
+      "wd nan": (["--weight-decay", "nan"], tmp_path / "d", "--weight-decay must be a number"),
+      "momentum": (["--momentum", "1.5"], tmp_path / "e", "--momentum must be in [0, 1)"),
+      "width nan": (["--width", "nan"], tmp_path / "g", "--width must be a positive number"),
+      "negative subset": (["--train-subset", "-5"], tmp_path / "h",
+                          "--train-subset must be at least 1 (got -5"),
+  }
+  args = lambda name: TINY + ["--epochs", "1", *cases[name][0], "--workdir", str(cases[name][1])]
+  # Two through the real command line (one error: line, no traceback, exit 2) ...
+  procs = {k: _cli(args(k)) for k in ("workdir file", "lr nan")}
+  # ... and every case in this process (the same main(); nothing loads before the checks).
+  for name, (_, _, needle) in cases.items():
+    assert cifar.main(args(name) + ["--no-compilation-cache"]) == 2, name
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines()[-1].startswith("error: ") and needle in err, (name, err)
+    assert "data:" not in out, name  # refused before the data was loaded
+  for name, p in procs.items():
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2, (name, p.returncode, err[-2000:])
+    assert "Traceback" not in err + out, (name, err)
+    assert err.strip().splitlines()[-1].startswith("error: ") and cases[name][2] in err
+  assert afile.read_text() == "x\n"
+  assert not (tmp_path / "a").exists() and not (tmp_path / "k").exists()
+
+
+def test_diverging_run_stops_with_valid_json(tmp_path):
+  p = _cli(TINY + ["--epochs", "3", "--lr", "1e30", "--train-subset", "128", "--workdir",
+                   str(tmp_path / "w")])
+  out, err = p.communicate(timeout=180)
+  assert p.returncode == 3, err[-2000:]
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+  lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+  records = [_strict_json(line) for line in lines]
+  assert len(records) == 1 and records[0]["diverged"] and records[0]["train_loss"] is None
+  config = _strict_json((tmp_path / "w" / "config.json").read_text())
+  assert config["lr"] == 1e30
+
+
+def test_resume_by_data_identity_extension_and_compilation_cache(tmp_path):
+  workdir, cache = tmp_path / "w", tmp_path / "cache"
+  common = ["--width", "0.0625", "--batch-size", "64", "--train-subset", "128", "--test-subset",
+            "64", "--no-progress", "--schedule", "constant", "--workdir", str(workdir),
+            "--compilation-cache-dir", str(cache)]
+  p = _cli(common + ["--data-dir", "train/sample", "--epochs", "1"])  # relative to the repo
+  out, err = p.communicate(timeout=180)
+  assert p.returncode == 0, err[-2000:]
+  assert any(cache.iterdir()), "nothing in the persistent compilation cache"
+  config = _strict_json((workdir / "config.json").read_text())
+  assert config["data_dir"] == "train/sample"  # no absolute path of this machine
+  assert config["data"]["kind"] == "sample" and len(config["data"]["checksum"]) == 32
+  assert "BatchNorm's running statistics" in out  # the early test loss is explained
+  # The same data by another path string, and two more epochs of a constant schedule.
+  p = _cli(common + ["--data-dir", str(REPO / "train" / "sample"), "--epochs", "2"])
+  out, err = p.communicate(timeout=180)
+  assert p.returncode == 0, err[-2000:]
+  assert "epochs 1 -> 2: the constant schedule of the 1 trained epochs is unchanged" in out
+  assert "resuming after epoch 1" in out
+  assert [h["epoch"] for h in _results(workdir)] == [1, 2]
+  assert _strict_json((workdir / "config.json").read_text())["epochs"] == 2
+  # Finished: said so, nothing trained, not "resuming".
+  p = _cli(common + ["--data-dir", "sample", "--epochs", "2", "--no-compilation-cache"])
+  out, err = p.communicate(timeout=180)
+  assert p.returncode == 0, err[-2000:]
+  assert "already finished: 2/2 epochs" in out and "resuming" not in out
+
+
+def test_resume_checks_data_identity_and_schedule(tmp_path):
+  config = cifar.Config(width=0.0625, epochs=10, data_dir="sample").resolved()
+  ident = {"dataset": "cifar10", "kind": "sample", "checksum": "a" * 32, "train_images": 1000,
+           "test_images": 200}
+  stored = {**config.to_json(), "data": ident}
+  cifar.check_data(stored, config, dict(ident), "w")  # same checksum, any path: accepted
+  with pytest.raises(cifar.UsageError, match="other data"):
+    cifar.check_data(stored, config, {**ident, "checksum": "b" * 32}, "w")
+  # Step decay: the boundaries move with the total, so only epochs before both may be kept.
+  longer = cifar.Config(width=0.0625, epochs=20, data_dir="sample").resolved()
+  assert "epochs 10 -> 20" in cifar.check_epochs(stored, longer, 4, 7, "w")
+  with pytest.raises(cifar.UsageError, match="learning rate of trained epoch 6 would be 0.1 "
+                     "instead of 0.01"):
+    cifar.check_epochs(stored, longer, 10, 7, "w")
+  cosine = {**stored, "schedule": "cosine"}
+  with pytest.raises(cifar.UsageError, match="cannot be extended"):
+    cifar.check_epochs(cosine, dataclasses.replace(longer, schedule="cosine"), 1, 7, "w")
+  with pytest.raises(cifar.UsageError, match="already trained 10 epochs"):
+    cifar.check_epochs(stored, dataclasses.replace(longer, epochs=5), 10, 7, "w")
+
+
+def test_help_shows_defaults():
+  text = subprocess.run(
+      [sys.executable, CIFAR_PY, "--help"], cwd=REPO, env=_env(), capture_output=True,
+      text=True, timeout=120).stdout
+  options, current = {}, None  # help text of each option: its line and the indented ones after
+  for line in text.splitlines():
+    if line.startswith("  -"):
+      current = line.split()[0].rstrip(",")
+      options[current] = line
+    elif current and line.startswith("     "):
+      options[current] += " " + line.strip()
+  for flag, default in [("--epochs", "200"), ("--optimizer", "sgd"), ("--model", "vgg11"),
+                        ("--dataset", "cifar10"), ("--keep-checkpoints", "3")]:
+    assert f"(default: {default})" in " ".join(options[flag].split()), (flag, options[flag])

@@ -97,7 +97,7 @@ class Config:
   weight_decay: Optional[float] = None  # None: the paper's value for the optimizer
   momentum: float = 0.9
   nesterov: bool = True
-  schedule: str = "step"  # step: ×0.1 at 50% and 75% of training; cosine: to 0
+  schedule: str = "step"  # step: ×0.1 at 50% and 75% of training; cosine: to 0; constant
   width: float = 1.0
   compute_dtype: str = "float32"
   seed: int = 0
@@ -114,7 +114,8 @@ class Config:
   sa_decay_before_scaling: Optional[bool] = None  # scale_amended_sgd(decay_before_scaling=...)
 
   def resolved(self) -> "Config":
-    """Fills lr / weight decay with the paper's values and makes data_dir absolute."""
+    """Fills lr / weight decay with the paper's values and makes data_dir absolute (config.json
+    records it relative to the repository where it lies inside it or in ../shared)."""
     if self.optimizer not in PAPER_SETTINGS:
       raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from "
                        f"{', '.join(OPTIMIZERS)}")
@@ -184,14 +185,17 @@ def _init_fn(model: str, num_classes: int, width: float, compute_dtype: str,
 
 
 def create_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-  """Step decay ×0.1 at 50% and 75% of the epochs (epoch-aligned), or cosine decay to 0."""
+  """Step decay ×0.1 at 50% and 75% of the epochs (epoch-aligned), cosine decay to 0, or
+  constant (the only one whose trained epochs stay the same when ``epochs`` grows)."""
   total = config.epochs * steps_per_epoch
   if config.schedule == "step":
     bounds = sorted({int(round(f * config.epochs)) * steps_per_epoch for f in (0.5, 0.75)})
     return optax.piecewise_constant_schedule(config.lr, {b: 0.1 for b in bounds if 0 < b})
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(config.lr, max(total, 1))
-  raise UsageError(f"unknown schedule {config.schedule!r}; choose step or cosine")
+  if config.schedule == "constant":
+    return optax.constant_schedule(config.lr)
+  raise UsageError(f"unknown schedule {config.schedule!r}; choose step, cosine or constant")
 
 
 def create_optimizer(config: Config, schedule: optax.Schedule,
@@ -545,45 +549,133 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def check_config(config: Config, workdir: str) -> bool:
-  """True if ``workdir`` holds this config; False if none; UsageError if another one."""
+# Config fields compared after the data is loaded (data: by identity, not path) or allowed to
+# change (epochs: when the trained epochs' schedule stays the same), see train_and_evaluate.
+_LATE_FIELDS = ("data_dir", "epochs")
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates ``workdir`` if needed and checks that it can be written (before any data loads)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise UsageError(f"--workdir {workdir}: exists and is not a directory")
+  probe = os.path.join(workdir, f".write-test-{os.getpid()}-{jax.process_index()}")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise UsageError(f"--workdir {workdir}: cannot create or write it "
+                     f"({e.strerror or type(e).__name__})") from None
+
+
+def read_stored_config(workdir: str) -> Optional[dict]:
+  """The workdir's config.json as stored (with defaults for fields added since), or None."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    return False
+    return None
   try:
     with open(path) as f:
       stored = json.load(f)
   except (OSError, ValueError) as e:
     raise UsageError(f"cannot read {path}: {e}") from None
-  new = config.to_json()
+  if not isinstance(stored, dict):
+    raise UsageError(f"cannot read {path}: not a JSON object")
   # A config written before a field existed ran with that field's default.
-  stored = {**{f.name: f.default for f in dataclasses.fields(Config)}, **stored}
+  return {**{f.name: f.default for f in dataclasses.fields(Config)}, **stored}
+
+
+def check_config(config: Config, workdir: str) -> Optional[dict]:
+  """The stored config if ``workdir`` holds this run; None if none; UsageError if another one.
+
+  ``data_dir`` and ``epochs`` are left to :func:`check_data` and :func:`check_epochs`.
+  """
+  stored = read_stored_config(workdir)
+  if stored is None:
+    return None
+  new = config.to_json()
   diff = [f"{k}: {stored.get(k)!r} there, {new.get(k)!r} here"
-          for k in sorted(set(stored) | set(new)) if stored.get(k) != new.get(k)]
+          for k in sorted(set(stored) | set(new)) if k not in _LATE_FIELDS + ("data",)
+          and stored.get(k) != new.get(k)]
   if diff:
     raise UsageError(f"workdir {workdir} holds a run with a different config ("
                      + "; ".join(diff) + "); use another --workdir or the same flags")
-  return True
+  return stored
 
 
-def write_config(config: Config, workdir: str) -> None:
+def check_data(stored: dict, config: Config, identity: dict, workdir: str) -> None:
+  """Refuses other data than the run's: compared by content checksum, not by path."""
+  recorded = stored.get("data")
+  if recorded is None:  # written before identities were recorded: compare the paths
+    old = stored.get("data_dir")
+    old = old if old in (None, "sample") else str(data_lib.resolve_path(old))
+    if old != config.data_dir:
+      raise UsageError(f"workdir {workdir} holds a run on data_dir {old!r}, not "
+                       f"{config.data_dir!r}; use another --workdir or the same data")
+    return
+  if recorded.get("checksum") != identity["checksum"]:
+    raise UsageError(
+        f"workdir {workdir} holds a run on other data ({recorded.get('dataset')} "
+        f"{recorded.get('kind')}, {recorded.get('train_images')} train / "
+        f"{recorded.get('test_images')} test images, checksum {recorded.get('checksum')}) than "
+        f"--data-dir gives ({identity['kind']}, {identity['train_images']} / "
+        f"{identity['test_images']}, checksum {identity['checksum']}); use another --workdir")
+
+
+def check_epochs(stored: dict, config: Config, trained: int, steps_per_epoch: int,
+                 workdir: str) -> Optional[str]:
+  """Whether ``--epochs`` may differ from the stored run's; returns the log line if it does.
+
+  Allowed when the learning rate of every step already trained stays the same under the new
+  total (always for ``--schedule constant``; for step decay only before the first boundary
+  of both totals; for cosine only before any training), and never below the trained epochs.
+  """
+  old = int(stored["epochs"])
+  if old == config.epochs:
+    return None
+  if config.epochs < trained:
+    raise UsageError(f"workdir {workdir} holds a run already trained {trained} epochs; "
+                     f"--epochs {config.epochs} is fewer")
+  steps = np.arange(trained * steps_per_epoch)
+  before = np.asarray(create_schedule(dataclasses.replace(config, epochs=old),
+                                      steps_per_epoch)(steps))
+  after = np.asarray(create_schedule(config, steps_per_epoch)(steps))
+  if not np.array_equal(before, after):
+    k = int(np.argmax(before != after))
+    raise UsageError(
+        f"workdir {workdir} holds a {config.schedule}-schedule run of {old} epochs, "
+        f"{trained} trained; with --epochs {config.epochs} the learning rate of trained epoch "
+        f"{k // steps_per_epoch + 1} would be {after[k]:.4g} instead of {before[k]:.4g}, so "
+        "the run cannot be extended; use another --workdir (--schedule constant can be "
+        "extended)")
+  return (f"epochs {old} -> {config.epochs}: the {config.schedule} schedule of the {trained} "
+          "trained epochs is unchanged")
+
+
+def write_config(config: Config, workdir: str, identity: Optional[dict] = None) -> None:
+  """Writes config.json (valid JSON only): data_dir relative to the repository where it lies
+  inside it or in ../shared (else absolute), and the data's identity."""
   if jax.process_index() == 0:
+    record = config.to_json()
+    if record["data_dir"] not in (None, "sample"):
+      record["data_dir"] = data_lib.portable_path(record["data_dir"])
+    if identity is not None:
+      record["data"] = identity
     os.makedirs(workdir, exist_ok=True)
     _atomic_write(os.path.join(workdir, "config.json"),
-                  json.dumps(config.to_json(), indent=2) + "\n")
+                  json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def load_config(workdir: str) -> Config:
   path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      stored = json.load(f)
-  except FileNotFoundError:
-    raise UsageError(f"no config.json in {workdir}: nothing trained there") from None
-  except (OSError, ValueError) as e:
-    raise UsageError(f"cannot read {path}: {e}") from None
+  if not os.path.isfile(path):
+    raise UsageError(f"no config.json in {workdir}: nothing trained there")
+  stored = read_stored_config(workdir)
   fields = {f.name for f in dataclasses.fields(Config)}
-  return Config(**{k: v for k, v in stored.items() if k in fields})
+  config = Config(**{k: v for k, v in stored.items() if k in fields})
+  if config.data_dir not in (None, "sample"):  # recorded relative to the repository
+    config = dataclasses.replace(config, data_dir=str(data_lib.resolve_path(config.data_dir)))
+  return config
 
 
 def write_metrics(workdir: str, history: list) -> None:
@@ -650,6 +742,7 @@ class _Data(NamedTuple):
   val_labels: Optional[jax.Array] = None
   val_mask: Optional[jax.Array] = None
   num_val: int = 0
+  identity: Optional[dict] = None  # data_identity() of the loaded set (before any subset)
 
 
 def _padded(x, y, multiple: int):
@@ -661,6 +754,12 @@ def _padded(x, y, multiple: int):
   x = np.concatenate([x, np.zeros((padded - n,) + x.shape[1:], x.dtype)])
   y = np.concatenate([y, np.zeros(padded - n, np.int32)])
   return x, y, mask
+
+
+def data_identity(dataset: str, ds: data_lib.CifarData) -> dict:
+  """What identifies a run's data, whatever path it was given by (stored in config.json)."""
+  return {"dataset": dataset, "kind": ds.kind, "checksum": ds.checksum,
+          "train_images": int(len(ds.train_labels)), "test_images": int(len(ds.test_labels))}
 
 
 def load_data(config: Config, mesh: Mesh, eval_batch_size: int) -> _Data:
@@ -689,7 +788,7 @@ def load_data(config: Config, mesh: Mesh, eval_batch_size: int) -> _Data:
   if n_val:
     val = replicate(_padded(va_x, va_y, eval_batch_size), mesh)
   return _Data(tr_x, tr_y, te_x, te_y, mask, len(tr_y), n_test, int(ds.num_classes),
-               str(getattr(ds, "source", "")), *val, n_val)
+               str(getattr(ds, "source", "")), *val, n_val, identity=data_identity(config.dataset, ds))
 
 
 def _log(msg: str) -> None:
@@ -707,8 +806,19 @@ def _validate(config: Config) -> None:
   for name in ("epochs", "batch_size"):
     if getattr(config, name) < 1:
       raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-  if config.width <= 0:
-    raise UsageError("--width must be positive")
+  if not (math.isfinite(config.width) and config.width > 0):
+    raise UsageError(f"--width must be a positive number (got {config.width})")
+  if not (math.isfinite(config.lr) and config.lr > 0):
+    raise UsageError(f"--lr must be a positive number (got {config.lr})")
+  if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+    raise UsageError(f"--weight-decay must be a number >= 0 (got {config.weight_decay})")
+  if not (math.isfinite(config.momentum) and 0 <= config.momentum < 1):
+    raise UsageError(f"--momentum must be in [0, 1) (got {config.momentum})")
+  for name in ("train_subset", "test_subset"):
+    value = getattr(config, name)
+    if value is not None and value < 1:
+      raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {value}; omit it "
+                       "for all images)")
   if config.val_split < 0:
     raise UsageError(f"--val-split must be >= 0 (got {config.val_split})")
   n = jax.device_count()
@@ -743,7 +853,15 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   """
   config = config.resolved()
   _validate(config)
-  has_config = check_config(config, workdir)  # refuse another run's workdir early
+  if keep_checkpoints < 1:
+    raise UsageError(f"--keep-checkpoints must be at least 1 (got {keep_checkpoints}): the last "
+                     "checkpoint is what a rerun resumes and --eval-only reads")
+  if eval_batch_size < 1:
+    raise UsageError(f"--eval-batch-size must be at least 1 (got {eval_batch_size})")
+  if steps_per_call is not None and steps_per_call < 0:
+    raise UsageError(f"--steps-per-call must be >= 0 (got {steps_per_call})")
+  stored = check_config(config, workdir)  # refuse another run's workdir early
+  prepare_workdir(workdir)  # a bad --workdir fails before the data loads
   mesh = make_mesh()
   ndev = mesh.devices.size
   eval_batch_size = _pad_to(max(eval_batch_size, 1), ndev)
@@ -754,14 +872,22 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   if steps_per_epoch < 1:
     raise UsageError(f"batch size {config.batch_size} exceeds the {data.num_train} "
                      "training images")
-  if not has_config:
-    write_config(config, workdir)
+  if stored is None:
+    write_config(config, workdir, data.identity)
+  else:
+    check_data(stored, config, data.identity, workdir)
 
   setup, state = create_train_state(config, data.num_classes, steps_per_epoch,
                                     log_blocks=log_blocks)
   state = replicate(state, mesh)
   mngr = checkpoint_manager(workdir, keep_checkpoints)
   history: list = []
+  extended = None
+  if stored is not None:
+    extended = check_epochs(stored, config, int(mngr.latest_step() or 0), steps_per_epoch,
+                            workdir)
+    if extended or "data" not in stored:  # record the new total / the data's identity
+      write_config(config, workdir, data.identity)
   if mngr.latest_step() is not None:
     state, history = restore_checkpoint(mngr, state)
   write_metrics(workdir, history)  # drops epochs after the checkpoint (crash mid-epoch)
@@ -778,8 +904,11 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
        f"dtype={config.compute_dtype}; data: {data.num_train} train / {data.num_val} val / "
        f"{data.num_test} test "
        f"({data.source}); {ndev} device(s) on {jax.process_count()} process(es) "
-       f"[{jax.devices()[0].platform}]" + (f"; resuming after epoch {start}" if start else ""))
+       f"[{jax.devices()[0].platform}]" + (f"; {extended}" if extended else "")
+       + ("" if not start or start >= config.epochs else f"; resuming after epoch {start}"))
   if start >= config.epochs:
+    _log(f"already finished: {start}/{config.epochs} epochs trained, nothing to do (a larger "
+         "--epochs extends a --schedule constant run; --eval-only evaluates it)")
     mngr.close()
     _summary(config, history, workdir, 0.0)
     return history
@@ -793,6 +922,7 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   _log(f"compiled in {time.time() - t0:.1f}s; {steps_per_epoch} steps per epoch, "
        f"{len(runner.train_plan)} call(s) per epoch")
 
+  bn_momentum = _bn_momentum(config, data.num_classes)
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   bar = tqdm(total=config.epochs, initial=start, unit="epoch", dynamic_ncols=True,
              disable=not progress or jax.process_index() != 0)
@@ -847,6 +977,11 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
            f"acc {100 * record['train_acc']:.2f}%{val_msg} | test loss "
            f"{fmt(record['test_loss'])} acc {100 * record['test_acc']:.2f}% | lr {lr:.4g} | "
            f"{record['seconds']:.1f}s {record['images_per_sec']:.0f} img/s")
+    initial = bn_momentum ** ((epoch + 1) * steps_per_epoch) if bn_momentum else 0.0
+    if initial > 0.05:
+      msg += (f" (BatchNorm's running statistics, which the test metrics use, are still "
+              f"{100 * initial:.0f}% their initial values after {(epoch + 1) * steps_per_epoch} "
+              "steps: an early test loss far above the training loss is expected)")
     if bar.disable:
       _log(msg)
     else:
@@ -857,6 +992,15 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   mngr.close()
   _summary(config, history, workdir, time.time() - run_t0)
   return history
+
+
+def _bn_momentum(config: Config, num_classes: int) -> Optional[float]:
+  """The model's BatchNorm momentum (running = m * running + (1 - m) * batch), from its shape."""
+  model = nnx.eval_shape(lambda: create_model(config, num_classes, nnx.Rngs(0)))
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      return float(module.momentum)
+  return None
 
 
 def _summary(config: Config, history: list, workdir: str, seconds: float) -> None:
@@ -908,10 +1052,12 @@ def parse_args(argv=None) -> argparse.Namespace:
       description="Train VGG-BN on CIFAR with SGD, LARS, LSALR or scale-amended SGD "
                   "(Zhang, Chen & Liu 2018, Table 1). Rerunning the same command resumes.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--dataset", choices=tuple(NUM_CLASSES), default="cifar10")
-  p.add_argument("--model", choices=models.MODELS, default="vgg11")
-  p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-  p.add_argument("--epochs", type=int, default=200)
+  p.add_argument("--dataset", choices=tuple(NUM_CLASSES), default="cifar10", help="dataset")
+  p.add_argument("--model", choices=models.MODELS, default="vgg11", help="VGG-BN depth")
+  p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                 help="optimizer, at the paper's settings unless --lr/--weight-decay are given")
+  p.add_argument("--epochs", type=int, default=200,
+                 help="training epochs (a --schedule constant run can be extended later)")
   p.add_argument("--batch-size", type=int, default=128, help="global batch size")
   p.add_argument("--lr", type=float, default=None,
                  help="peak learning rate; None: the paper's (sgd/lsalr/scale_amended 0.1, "
@@ -919,12 +1065,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--weight-decay", type=float, default=None,
                  help="None: the paper's (1e-3; scale_amended 5e-3)")
   p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
-  p.add_argument("--schedule", choices=("step", "cosine"), default="step",
-                 help="step: ×0.1 at 50%% and 75%% of the epochs")
+  p.add_argument("--schedule", choices=("step", "cosine", "constant"), default="step",
+                 help="step: ×0.1 at 50%% and 75%% of the epochs; cosine: to 0; constant")
   p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
   p.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32",
                  help="compute dtype; parameters stay float32")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="initialization, shuffling, augmentation")
   p.add_argument("--data-dir", default=None,
                  help="CIFAR archive directory; 'sample' for the shipped sample; default: "
                       "tensorflow-datasets")
@@ -954,8 +1100,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workdir", required=True, help="config, metrics and checkpoints")
   p.add_argument("--eval-only", action="store_true",
                  help="evaluate the workdir's last checkpoint on the test split")
-  p.add_argument("--eval-batch-size", type=int, default=500)
-  p.add_argument("--keep-checkpoints", type=int, default=3)
+  p.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size")
+  p.add_argument("--keep-checkpoints", type=int, default=3,
+                 help="checkpoints kept (at least 1: the last one is what resumes)")
+  p.add_argument("--compilation-cache-dir", default=default_compilation_cache_dir(),
+                 help="JAX's persistent compilation cache, which makes a rerun, resume or "
+                      "--eval-only skip recompiling (env JAX_COMPILATION_CACHE_DIR)")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="compile from scratch, without the persistent cache")
   p.add_argument("--steps-per-call", type=int, default=None,
                  help="training steps per jitted call; 0: a whole epoch in one lax.scan; "
                       "default: 1 on CPU (XLA:CPU runs convs in loops slowly), 0 elsewhere")
@@ -996,6 +1148,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
                                          else args.sa_decay == "before"))
 
 
+def default_compilation_cache_dir(environ=os.environ) -> str:
+  """``$JAX_COMPILATION_CACHE_DIR``, else ``$XDG_CACHE_HOME/optax_bm/jax`` (~/.cache/...)."""
+  if environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return environ["JAX_COMPILATION_CACHE_DIR"]
+  cache = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache, "optax_bm", "jax")
+
+
+def enable_compilation_cache(directory: str, environ=os.environ) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in ``directory``; returns it, or None (with a
+  warning) if it cannot be created. Every compilation of 0.5 s or more is cached (unless
+  ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` says otherwise)."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    print(f"warning: no compilation cache: cannot create {directory} "
+          f"({e.strerror or type(e).__name__})", file=sys.stderr)
+    return None
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return directory
+
+
 def set_cpu_xla_flags(environ=os.environ) -> None:
   """Adds :data:`CPU_XLA_FLAGS` to ``$XLA_FLAGS``, leaving alone any flag the user already set.
 
@@ -1012,6 +1188,8 @@ def set_cpu_xla_flags(environ=os.environ) -> None:
 def main(argv=None) -> int:
   args = parse_args(argv)
   set_cpu_xla_flags()
+  if not args.no_compilation_cache:
+    enable_compilation_cache(args.compilation_cache_dir)
   try:
     if args.distributed or args.coordinator_address or args.num_processes:
       jax.distributed.initialize(coordinator_address=args.coordinator_address,
