@@ -201,8 +201,9 @@ def _block_scalars(spec_tree, params_b, b, gamma_aware=False, m_other=None):
                      f"{len(kernels)}.")
   gamma2 = None
   if gamma_aware:  # this block's BatchNorm scale γ, found as scaling.leaf_factors finds it
+    is_scale = scaling._is_batchnorm_scale  # pylint: disable=protected-access
     gammas = [p for s, p, path in zip(spec_leaves, leaves, paths)
-              if isinstance(s, specs_lib.LayerSpec) and scaling._is_batchnorm_scale(s, path)]  # pylint: disable=protected-access
+              if isinstance(s, specs_lib.LayerSpec) and is_scale(s, path)]
     gamma2 = jnp.mean(jnp.square(gammas[0])) if gammas else None
   sc = scaling.local_hessian_scalars(*kernels[0], gamma2=gamma2)
   m_a = sc.m_a if m_other is None else m_other

@@ -190,3 +190,56 @@ def test_bad_solver_and_missing_specs():
   with pytest.raises(ValueError, match="needs one spec tree per block"):
     backmatching.back_matching_step(fns, params, x, nets.cross_entropy(y, 5), ETA,
                                     solver="scalar")
+
+
+# The readings of SPEC §6 (hand-computed s, c of nets.vgg_like at hw=8 under each pooling).
+_READING_SPECS = {
+    "before": nets.vgg_like_expected(),
+    # s after pooling; the pooling's c moves to the block reading the pooled map.
+    "after": [("conv", 16, 1.0, True), ("conv", 16, 4.0, True), ("conv", 4, 1.0, True),
+              ("dense", 1, 4.0, True), ("dense", 1, 1.0, False)],
+    # s·(1 - 2^-4)/4 after a 2x2 max-pool, s/2 unpooled, c = sqrt(4); dense blocks unchanged.
+    "effective": [("conv", 15.0, 2.0, True), ("conv", 8, 1.0, True), ("conv", 3.75, 2.0, True),
+                  ("dense", 1, 1.0, True), ("dense", 1, 1.0, False)],
+}
+
+
+@pytest.mark.parametrize("pooling,scale_others,gamma_aware", [
+    ("before", False, False), ("before", True, True), ("before", False, True),
+    ("after", False, False), ("after", True, False), ("effective", False, False),
+])
+def test_every_reading_equals_scalar_back_matching(pooling, scale_others, gamma_aware):
+  """Each reading of SPEC §6 the transform offers is block-wise back-matching (f64, 1e-10)."""
+  model = nets.vgg_like(jnp.float64)
+  # BatchNorm scales away from 1, so that the γ²-aware scalars differ from the plain ones.
+  bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+  for i, bn in enumerate(bns):
+    bn.scale[...] = jax.random.uniform(jax.random.key(i), bn.scale.shape, jnp.float64, 0.2, 1.5)
+  x, y = _data()
+  loss = nets.cross_entropy(y, 5)
+  fns, params = backmatching.nnx_blocks(model.blocks)
+  specs = optax_bm.annotate(model, x, pooling=pooling)
+  block_specs = [nets.hand_specs(p, b, *e)
+                 for b, (p, e) in enumerate(zip(params, _READING_SPECS[pooling]))]
+  for b, want in enumerate(block_specs):  # annotate's reading is the hand-computed one
+    assert jax.tree.leaves(nnx.as_pure(specs["blocks"][b])) == jax.tree.leaves(want), b
+  res = backmatching.back_matching_step(fns, params, x, loss, ETA, solver="scalar",
+                                        specs=block_specs, scale_others=scale_others,
+                                        gamma_aware=gamma_aware)
+  full_params = nnx.state(model, nnx.Param)
+  grads = nnx.grad(lambda m: loss(m(x)))(model)
+  tx = optax_bm.scale_by_back_matching(specs, scale_others=scale_others,
+                                       gamma_aware=gamma_aware)
+  updates, _ = jax.jit(tx.update)(nnx.as_pure(grads), tx.init(full_params),
+                                  nnx.as_pure(full_params))
+  for b in range(len(fns)):
+    want = _direction(nnx.as_pure(params[b]), nnx.as_pure(res.params[b]))
+    assert _rel_err(nnx.as_pure(updates["blocks"][b]), want) < 1e-10, b
+  # Not vacuous: the reading changes the update against SPEC v1.
+  v1, _ = optax_bm.scale_by_back_matching(optax_bm.annotate(model, x)).update(
+      nnx.as_pure(grads), None, nnx.as_pure(full_params))
+  assert _rel_err(updates, v1) > 1e-3
+  if not scale_others:  # bias/BatchNorm leaves keep the plain gradient
+    g = nnx.as_pure(grads)
+    np.testing.assert_allclose(updates["blocks"][0]["bn"]["scale"],
+                               g["blocks"][0]["bn"]["scale"])

@@ -226,8 +226,10 @@ def test_spec_tree_mismatch_names_the_path():
   bad["blocks"] = dict(bad["blocks"])
   del bad["blocks"][1]
   tx = optax_bm.scale_by_back_matching(bad)
+  with pytest.raises(ValueError, match=r"params path 'blocks/1/conv/bias' has no spec"):
+    tx.init(params)  # at init already, not only at the first update
   with pytest.raises(ValueError, match=r"updates path 'blocks/1/conv/bias' has no spec"):
-    tx.update(grads, tx.init(params), params)
+    tx.update(grads, optax_bm.ScaleByBackMatchingState(), params)
   extra = {**nnx.as_pure(specs), "ghost": {"kernel": LayerSpec(0, "kernel", "dense")}}
   with pytest.raises(ValueError, match=r"spec path 'ghost/kernel' has no updates leaf"):
     optax_bm.scale_by_back_matching(extra).update(grads, None, params)
@@ -252,7 +254,8 @@ def test_inconsistent_block_specs_are_rejected():
 
 @pytest.mark.parametrize("field,value,msg", [
     ("block", -1, "block must be >= 0"), ("role", "bias", "role must be"),
-    ("kind", "conv3d", "kind must be"), ("s", 0, "s .* must be a positive number"), ("s", "4", "s .* must be a positive"),
+    ("kind", "conv3d", "kind must be"), ("s", 0, "s .* must be a positive number"),
+    ("s", "4", "s .* must be a positive"),
     ("c", 0.0, "c .* must be a positive"), ("normalized", 1, "normalized must be a bool"),
 ])
 def test_layer_spec_rejects_invalid_values(field, value, msg):
