@@ -158,15 +158,26 @@ def execute(run: Run, git_commit: bool) -> str:
   st = status(read_metrics(workdir / "metrics.jsonl"), run.epochs)
   print(f"{run.name}: {st} (exit {rc})", flush=True)
   if st in ("finished", "diverged"):
-    OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
-    for f in ("config.json", "metrics.jsonl"):
-      tmp = OUT / "runs" / f".{run.name}.{f}.tmp"
-      shutil.copyfile(workdir / f, tmp)
-      os.replace(tmp, OUT / "runs" / f"{run.name}.{f}")
     report()
     if git_commit:
       _commit([str(OUT.relative_to(REPO))], f"ablation_cifar10: {run.name} {st}")
   return st
+
+
+def sync_results() -> None:
+  """Copies config.json and metrics.jsonl of every finished or diverged run into ``runs/``."""
+  OUT.joinpath("runs").mkdir(parents=True, exist_ok=True)
+  for workdir in sorted(WORKDIRS.glob("*-lr*-e*-s*")):
+    epochs = int(workdir.name.rsplit("-", 2)[1][1:])
+    if status(read_metrics(workdir / "metrics.jsonl"), epochs) not in ("finished", "diverged"):
+      continue
+    for f in ("config.json", "metrics.jsonl"):
+      dst = OUT / "runs" / f"{workdir.name}.{f}"
+      if dst.exists() and dst.read_bytes() == (workdir / f).read_bytes():
+        continue
+      tmp = OUT / "runs" / f".{workdir.name}.{f}.tmp"
+      shutil.copyfile(workdir / f, tmp)
+      os.replace(tmp, dst)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +379,7 @@ def plot(rows) -> None:
 
 
 def report() -> None:
+  sync_results()
   rows = collect()
   if rows:
     write_table(rows)
@@ -381,6 +393,8 @@ def main(argv=None) -> int:
   p.add_argument("--finalists", nargs="+", default=(), help="READING@LR for --phase confirm")
   p.add_argument("--readings", nargs="+", choices=tuple(READINGS), default=None,
                  help="only these readings")
+  p.add_argument("--first", nargs="+", default=(), metavar="READING@LR",
+                 help="run these runs of the phase first (scheduling only)")
   p.add_argument("--jobs", type=int, default=2)
   p.add_argument("--git-commit", action="store_true",
                  help="commit the results directory after every finished run")
@@ -397,6 +411,13 @@ def main(argv=None) -> int:
   runs = screen_runs() if args.phase == "screen" else confirm_runs(args.finalists)
   if args.readings:
     runs = [r for r in runs if r.reading in args.readings]
+  first = [f"{r.reading}@{r.lr:g}" for r in runs]
+  unknown = [f for f in args.first if f not in first]
+  if unknown:
+    print(f"error: --first {unknown[0]!r} is not a run of this phase", file=sys.stderr)
+    return 2
+  order = {f: i for i, f in enumerate(args.first)}
+  runs.sort(key=lambda r: order.get(f"{r.reading}@{r.lr:g}", len(order)))
   if args.dry_run:
     for r in runs:
       print(" ".join(command(r)))
