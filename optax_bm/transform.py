@@ -73,7 +73,9 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = T
   """
 
   def init_fn(params):
-    del params
+    # A spec tree made for another model fails here, naming the path, not at the first update.
+    specs_lib.flatten_specs_like(specs_lib.resolve(specs, params), params, what="params",
+                                 is_leaf=_is_masked)
     return ScaleByBackMatchingState()
 
   def update_fn(updates, state, params=None):

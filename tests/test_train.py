@@ -528,3 +528,16 @@ def test_help_shows_defaults():
   for flag, default in [("--epochs", "200"), ("--optimizer", "sgd"), ("--model", "vgg11"),
                         ("--dataset", "cifar10"), ("--keep-checkpoints", "3")]:
     assert f"(default: {default})" in " ".join(options[flag].split()), (flag, options[flag])
+
+
+def test_spec_tree_of_another_model_fails_at_init():
+  import optax_bm  # pylint: disable=import-outside-toplevel
+  shapes = {}
+  for name in ("vgg11", "vgg13"):
+    model = nnx.eval_shape(lambda: models.vgg(name, 10, width=1 / 16, rngs=nnx.Rngs(0)))
+    shapes[name] = (model, nnx.state(model, nnx.Param))
+  specs = optax_bm.annotate(shapes["vgg11"][0], jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  tx = optax_bm.scale_amended_sgd(0.1, specs)
+  tx.init(shapes["vgg11"][1])  # its own model: fine (abstract params)
+  with pytest.raises(ValueError, match="the spec tree does not match the params"):
+    tx.init(shapes["vgg13"][1])
