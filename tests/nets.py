@@ -15,14 +15,16 @@ from optax_bm import LayerSpec
 
 
 def batch_norm(features, *, rngs, dtype=jnp.float32):
-  """``nnx.BatchNorm`` whose running statistics are in ``dtype`` too.
+  """``nnx.BatchNorm`` whose running statistics are at least as wide as ``dtype``.
 
   Flax keeps them in float32 whatever ``dtype``; a float64 training-mode pass would then write
   float64 averages into them, which JAX warns will be an error (dtype-cast FutureWarning).
+  Narrower dtypes (bfloat16) keep float32 statistics, as Flax does.
   """
   bn = nnx.BatchNorm(features, rngs=rngs, dtype=dtype, param_dtype=dtype)
-  bn.mean = nnx.BatchStat(bn.mean[...].astype(dtype))
-  bn.var = nnx.BatchStat(bn.var[...].astype(dtype))
+  stats_dtype = jnp.promote_types(jnp.float32, dtype)
+  bn.mean = nnx.BatchStat(bn.mean[...].astype(stats_dtype))
+  bn.var = nnx.BatchStat(bn.var[...].astype(stats_dtype))
   return bn
 
 
