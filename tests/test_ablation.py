@@ -1,0 +1,98 @@
+"""The ablation's trainer features (--val-split, --log-blocks, the divergence stop, the
+scale-amended reading flags) and train/ablation.py's grid and report (issue 11)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from train import ablation, cifar
+
+
+def _config(**kw):
+  base = dict(data_dir="sample", width=0.0625, batch_size=64, train_subset=256,
+              test_subset=64, epochs=1)
+  base.update(kw)
+  return cifar.Config(**base)
+
+
+def test_val_split_block_logging_and_reading_flags(tmp_path, monkeypatch):
+  cfg = _config(optimizer="scale_amended", val_split=100, sa_pooling="after",
+                sa_scale_others=False)
+  seen = {}
+  real = cifar.load_data
+
+  def spy(config, mesh, eval_batch_size):
+    data = real(config, mesh, eval_batch_size)
+    seen["data"] = data
+    return data
+
+  monkeypatch.setattr(cifar, "load_data", spy)
+  (rec,) = cifar.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False, log_blocks=True)
+  data = seen["data"]
+  # The held-out images are the last 100 of the training set and are not trained on.
+  from train import data as data_lib
+  full = data_lib.load_cifar("cifar10", "sample", allow_subset=True)
+  np.testing.assert_array_equal(np.asarray(data.val_images)[:100], full.train_images[-100:])
+  train = np.asarray(data.train_images)
+  assert data.num_val == 100 and data.num_train == 256
+  np.testing.assert_array_equal(train, full.train_images[:256])
+  assert 0 <= rec["val_acc"] <= 1 and np.isfinite(rec["val_loss"])
+  blocks = rec["blocks"]
+  assert set(blocks) == {"angular_step", "factor", "w_norm", "gamma2"}
+  assert all(len(v) == 9 for v in blocks.values())  # 8 convs + classifier
+  assert all(x > 0 for x in blocks["angular_step"]) and blocks["factor"][-1] == pytest.approx(1)
+  assert blocks["gamma2"][-1] is None and all(g > 0 for g in blocks["gamma2"][:-1])
+  stored = json.loads((tmp_path / "w" / "config.json").read_text())
+  assert (stored["sa_pooling"], stored["sa_scale_others"]) == ("after", False)
+  assert stored["sa_gamma_aware"] is False and stored["sa_decay_before_scaling"] is True
+  # A non-scale-amended run records no reading.
+  assert _config(optimizer="sgd").resolved().sa_pooling is None
+
+
+def test_non_finite_loss_stops_the_run_with_valid_json(tmp_path):
+  cfg = _config(optimizer="sgd", lr=1e6, epochs=3)
+  with pytest.raises(cifar.Diverged, match="not finite in epoch 1"):
+    cifar.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False)
+  lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+  (rec,) = [json.loads(l) for l in lines]  # strict JSON: no NaN tokens
+  assert rec["diverged"] is True and rec["train_loss"] is None
+  assert "NaN" not in "".join(lines)
+  with pytest.raises(cifar.Diverged, match="nothing to resume"):  # a rerun does not retrain
+    cifar.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_ablation_grid_and_report(tmp_path, monkeypatch):
+  screen = ablation.screen_runs()
+  names = {r.name for r in screen}
+  assert len(screen) == len(names) == 7 * 4 + 3
+  assert screen[0].lr == 0.1 and {r.reading for r in screen[:8]} == set(ablation.READINGS)
+  confirm = ablation.confirm_runs(["sgd@0.1", "sa_unscaled@0.03"])
+  assert len(confirm) == 6 and {r.epochs for r in confirm} == {30}
+  cmd = " ".join(ablation.command(screen[2]))
+  assert "--val-split 5000" in cmd and "--log-blocks" in cmd and "--sa-others scaled" in cmd
+  assert "/work" not in cmd.split("--data-dir")[1].split()[0]  # repo-relative data path
+  # Report from fake finished runs: best lr on validation, diverged runs marked.
+  monkeypatch.setattr(ablation, "OUT", tmp_path / "out")
+  monkeypatch.setattr(ablation, "WORKDIRS", tmp_path / "workdirs")
+
+  def fake(run, val, diverged=False):
+    w = tmp_path / "workdirs" / run.name
+    w.mkdir(parents=True)
+    (w / "config.json").write_text("{}")
+    blocks = {"angular_step": [0.01] * 9, "w_norm": [1.0] * 9, "gamma2": [0.5] * 8 + [None]}
+    hist = [{"epoch": e, "train_loss": 1.0, "val_acc": val, "test_acc": val - 0.01,
+             "blocks": blocks} for e in range(1, run.epochs + 1)]
+    if diverged:
+      hist = [{"epoch": 1, "train_loss": None, "val_acc": 0.1, "test_acc": 0.1,
+               "blocks": blocks, "diverged": True}]
+    (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+
+  fake(ablation.Run("sgd", 0.1, 10, 0), 0.77)
+  fake(ablation.Run("sgd", 0.03, 10, 0), 0.76)
+  fake(ablation.Run("sa_gamma", 0.1, 10, 0), 0.0, diverged=True)
+  ablation.report()
+  text = (tmp_path / "out" / "ablation.md").read_text()
+  assert "**77.00 (76.00)**" in text and "76.00 (75.00)" in text and "div (ep 1)" in text
+  assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+  assert ablation.best_lrs(ablation.collect(), 10) == {"sgd": (0.1, 0.77)}
