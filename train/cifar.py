@@ -495,6 +495,11 @@ class EpochRunner:
     self.eval_fns = {(name, k): make_eval_steps(setup, mesh, eval_batch_size, config.dataset, k)
                      for name, plan in self.eval_plans.items() for k in {k for _, k in plan}}
 
+  @property
+  def eval_plan(self) -> list:
+    """The test split's evaluation plan ``[(first batch, batches per call), ...]``."""
+    return self.eval_plans["test"]
+
   @staticmethod
   def _plan(total: int, per_call: int) -> list:
     per_call = total if per_call <= 0 else min(per_call, total)
