@@ -226,3 +226,19 @@ def test_git_commit_commits_only_the_results_dir(tmp_path, monkeypatch):
   assert table1.git_commit(str(repo / "results"), "again")
   log = subprocess.run([*env_cmd, "log", "--oneline"], capture_output=True, text=True).stdout
   assert log.count("\n") == 1
+
+
+def test_a_diverged_run_is_not_rerun_and_is_reported(tmp_path, capsys):
+  root = tmp_path / "w"
+  _fake_run(root, table1.run_name("cifar10", "vgg13", "sgd", 0), 3, acc=0.6)
+  w = _fake_run(root, table1.run_name("cifar10", "vgg13", "sgd", 1), 2)
+  hist = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+  hist[-1].update(diverged=True, train_loss=None, test_acc=None)
+  (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+  assert table1.main(_grid_args(tmp_path, "--dry-run", "--optimizers", "sgd")) == 0
+  out = capsys.readouterr().out
+  assert "skip cifar10-vgg13-sgd-s1: finished" in out
+  assert table1.main(_grid_args(tmp_path, "--report-only", "--optimizers", "sgd")) == 0
+  text = (tmp_path / "out" / "table1.md").read_text()
+  assert "| SGD | 60.00 [60.00, diverged in epoch 2, 1 seed(s) missing] (93.90) |" in text
+  assert (tmp_path / "out" / "figure1.png").exists()

@@ -103,9 +103,15 @@ def read_metrics(workdir: pathlib.Path) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def is_diverged(history: list) -> bool:
+  """The run stopped on a non-finite training loss (train/cifar.py marks that record)."""
+  return bool(history) and bool(history[-1].get("diverged"))
+
+
 def is_finished(workdir: pathlib.Path, epochs: int) -> bool:
+  """Trained to the last epoch, or diverged (nothing to resume: rerunning would fail again)."""
   history = read_metrics(workdir)
-  return bool(history) and history[-1].get("epoch") == epochs
+  return bool(history) and (history[-1].get("epoch") == epochs or is_diverged(history))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -363,7 +369,8 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
       "wd 5e-3; Nesterov momentum 0.9).", "",
       "Cell: median over seeds of the final-epoch test accuracy [each seed's value]; paper's "
       "Table 1 value (median of 3 full-CIFAR runs, full-width VGG, 200 epochs) in "
-      "parentheses. Nothing is selected on the test split.", ""]
+      "parentheses. Nothing is selected on the test split; a run that diverged (non-finite "
+      "training loss) is listed as such and left out of the median.", ""]
   head = "| optimizer | " + " | ".join(
       f"{'C10' if d == 'cifar10' else 'C100'} {m.upper()}" for d, m in cols) + " |"
   lines += [head, "|---" * (len(cols) + 1) + "|"]
@@ -371,14 +378,19 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
     cells = []
     for d, m in cols:
       runs = results.get((d, m, o), {})
-      accs = [100 * runs[s][-1]["test_acc"] for s in sorted(runs)]
+      ok = [s for s in sorted(runs) if not is_diverged(runs[s])]
+      accs = [100 * runs[s][-1]["test_acc"] for s in ok]
+      diverged = [f"diverged in epoch {runs[s][-1]['epoch']}" for s in sorted(runs)
+                  if s not in ok]
       paper = paper_value(d, m, o)
       paper_s = f" ({paper:.2f})" if paper is not None else ""
+      missing = len(args.seeds) - len(runs)
+      note = ([f"{missing} seed(s) missing"] if missing else [])
       if accs:
-        seeds = ", ".join(f"{a:.2f}" for a in accs)
-        missing = len(args.seeds) - len(accs)
-        note = f", {missing} seed(s) missing" if missing else ""
-        cells.append(f"{statistics.median(accs):.2f} [{seeds}{note}]{paper_s}")
+        seeds = ", ".join([f"{a:.2f}" for a in accs] + diverged + note)
+        cells.append(f"{statistics.median(accs):.2f} [{seeds}]{paper_s}")
+      elif diverged:
+        cells.append(f"— [{', '.join(diverged + note)}]{paper_s}")
       else:
         cells.append(f"—{paper_s}")
     lines.append(f"| {OPT_LABELS[o]} | " + " | ".join(cells) + " |")
@@ -433,6 +445,7 @@ def plot_curves(args, results: dict, path: pathlib.Path) -> None:
     for c, o in enumerate(cols):
       ax = axes[r, c]
       for s, hist in sorted(results.get((d, m, o), {}).items()):
+        hist = [h for h in hist if isinstance(h.get("test_acc"), (int, float))]
         ax.plot([h["epoch"] for h in hist], [100 * h["test_acc"] for h in hist],
                 color=OPT_COLORS[o], lw=1, alpha=0.85, label=f"seed {s}",
                 ls=("-", "--", ":", "-.")[s % 4])
@@ -494,7 +507,7 @@ def plot_figure1(args, results: dict, path: pathlib.Path) -> None:
     for c, (key, scale, ylabel, yscale) in enumerate(panels):
       ax = axes[r, c]
       for o in args.optimizers:
-        runs = results.get((d, m, o), {})
+        runs = {s: h for s, h in results.get((d, m, o), {}).items() if not is_diverged(h)}
         if not runs:
           continue
         epochs, med, lo, hi = curve_band(runs, key, scale)
