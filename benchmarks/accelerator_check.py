@@ -441,7 +441,9 @@ def markdown(report: dict) -> str:
   lines += ["", "## Training throughput (one device, the trainer's step chunk as one lax.scan, "
             f"batch {BATCH}, synthetic uint8 data)", "",
             "| model | width | dtype | optimizer | step ms | images/s | GFLOP/step (XLA) | "
-            "achieved | fraction of matmul rate | compile s |",
+            "achieved | fraction of matmul rate | compile s"
+            + (" (persistent cache on: a rerun hits it)" if report.get("compilation_cache")
+               else "") + " |",
             "|---|---|---|---|---|---|---|---|---|---|"]
   for t in report["throughput"]:
     if "skipped" in t:
@@ -511,6 +513,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--budget-s", type=float, default=None,
                  help="skip the remaining throughput configurations once this many seconds "
                       "have passed (the training run still runs); default 420, quick: none")
+  p.add_argument("--compilation-cache-dir", default=None,
+                 help="JAX's persistent compilation cache, as train/cifar.py's (default: the "
+                      "trainer's, $JAX_COMPILATION_CACHE_DIR or ~/.cache/optax_bm/jax): a "
+                      "rerun compiles nothing again")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="compile everything afresh (compile times as on a fresh machine)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="directory for accelerator_<platform>.md and .json")
   args = p.parse_args(argv)
@@ -542,9 +550,14 @@ def main(argv=None) -> int:
   from train import cifar  # pylint: disable=import-outside-toplevel
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
   cifar.set_cpu_xla_flags()  # the trainer's flags, before the first computation
+  cache = None
+  if not args.no_compilation_cache:
+    cache = cifar.enable_compilation_cache(args.compilation_cache_dir
+                                           or cifar.default_compilation_cache_dir())
   t_start = _now()
-  report: dict = {"quick": args.quick, "args": {k: v for k, v in vars(args).items()
-                                                 if k not in ("out", "data_dir")}}
+  report: dict = {"quick": args.quick, "compilation_cache": cache is not None,
+                  "args": {k: v for k, v in vars(args).items()
+                           if k not in ("out", "data_dir", "compilation_cache_dir")}}
 
   report["section_s"] = sections = {}
   report["section_cpu_s"] = cpu_sections = {}  # process CPU time: what the load cannot change
