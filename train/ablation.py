@@ -49,27 +49,26 @@ MODEL, WIDTH, BATCH = "vgg11", 0.125, 128
 
 # Readings of SPEC §6 (trainer flags). "sa_unscaled" is the base the single-point variations
 # start from: SPEC v1 with bias/BatchNorm left at plain SGD (the best reading measured so far).
+_SA_BASE = {"pooling": "before", "others": "unscaled", "gamma": "ignored", "decay": "before"}
+
+
+def _sa(label: str, **changes) -> tuple:
+  """A scale-amended reading: the base with ``changes``, as (label, trainer flags)."""
+  flags = ["--optimizer", "scale_amended"]
+  for key, value in {**_SA_BASE, **changes}.items():
+    flags += [f"--sa-{key}", value]
+  return label, flags
+
+
 READINGS = {
     "sgd": ("SGD (wd 1e-3)", ["--optimizer", "sgd"]),
     "lars": ("LARS (wd 1e-3, trust 1e-3)", ["--optimizer", "lars"]),
-    "sa_v1": ("SA: SPEC v1 (bias/BN scaled)", [
-        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "scaled",
-        "--sa-gamma", "ignored", "--sa-decay", "before"]),
-    "sa_unscaled": ("SA: bias/BN unscaled", [
-        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
-        "--sa-gamma", "ignored", "--sa-decay", "before"]),
-    "sa_pool_after": ("SA: unscaled + authors' pooling", [
-        "--optimizer", "scale_amended", "--sa-pooling", "after", "--sa-others", "unscaled",
-        "--sa-gamma", "ignored", "--sa-decay", "before"]),
-    "sa_pool_effective": ("SA: unscaled + effective positions", [
-        "--optimizer", "scale_amended", "--sa-pooling", "effective", "--sa-others", "unscaled",
-        "--sa-gamma", "ignored", "--sa-decay", "before"]),
-    "sa_gamma": ("SA: unscaled + gamma^2-aware", [
-        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
-        "--sa-gamma", "aware", "--sa-decay", "before"]),
-    "sa_decay_after": ("SA: unscaled + decay after scaling", [
-        "--optimizer", "scale_amended", "--sa-pooling", "before", "--sa-others", "unscaled",
-        "--sa-gamma", "ignored", "--sa-decay", "after"]),
+    "sa_v1": _sa("SA: SPEC v1 (bias/BN scaled)", others="scaled"),
+    "sa_unscaled": _sa("SA: bias/BN unscaled"),
+    "sa_pool_after": _sa("SA: unscaled + authors' pooling", pooling="after"),
+    "sa_pool_effective": _sa("SA: unscaled + effective positions", pooling="effective"),
+    "sa_gamma": _sa("SA: unscaled + gamma^2-aware", gamma="aware"),
+    "sa_decay_after": _sa("SA: unscaled + decay after scaling", decay="after"),
 }
 LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
 LARS_LRS = (2.0, 1.0, 4.0)
