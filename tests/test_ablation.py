@@ -2,6 +2,7 @@
 scale-amended reading flags) and train/ablation.py's grid and report (issue 11)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -96,3 +97,8 @@ def test_ablation_grid_and_report(tmp_path, monkeypatch):
   assert "**77.00 (76.00)**" in text and "76.00 (75.00)" in text and "div (ep 1)" in text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
   assert ablation.best_lrs(ablation.collect(), 10) == {"sgd": (0.1, 0.77)}
+  # A fresh checkout has runs/ but no workdirs/: committed runs are not trained again.
+  shutil.rmtree(tmp_path / "workdirs")
+  monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: pytest.fail("retrained"))
+  assert ablation.execute(ablation.Run("sgd", 0.1, 10, 0), git_commit=False) == "finished"
+  assert ablation.execute(ablation.Run("sa_gamma", 0.1, 10, 0), git_commit=False) == "diverged"

@@ -147,10 +147,12 @@ def _commit(paths, message: str) -> None:
 
 def execute(run: Run, git_commit: bool) -> str:
   workdir = WORKDIRS / run.name
-  hist = read_metrics(workdir / "metrics.jsonl")
-  st = status(hist, run.epochs)
-  if st in ("finished", "diverged"):
-    return st
+  # A finished run is known from its committed record too: workdirs/ is git-ignored and does
+  # not survive into a fresh checkout, runs/ does.
+  for metrics in (workdir / "metrics.jsonl", OUT / "runs" / f"{run.name}.metrics.jsonl"):
+    st = status(read_metrics(metrics), run.epochs)
+    if st in ("finished", "diverged"):
+      return st
   workdir.mkdir(parents=True, exist_ok=True)
   with open(workdir / "log.txt", "a") as log:
     rc = subprocess.run(command(run), cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
