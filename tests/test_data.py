@@ -220,6 +220,18 @@ def test_full_extracted_cifar10_is_md5_verified(tmp_path):
     data.load_cifar("cifar10", copy)
   modified = data.load_cifar("cifar10", copy, allow_subset=True)
   assert "1 of 6 files differ" in modified.source and modified.checksum != full.checksum
+  # The subset an accelerator run carries (data_batch_1 and test_batch), as is.
+  carried = tmp_path / "carried" / "cifar-10-batches-py"
+  carried.mkdir(parents=True)
+  for name in ("data_batch_1", "test_batch"):
+    (carried / name).symlink_to(FULL_C10_DIR / name)
+  with pytest.raises(data.DataError, match="data_batch_2: no such file .*--allow-subset"):
+    data.load_cifar("cifar10", carried)
+  subset = data.load_cifar("cifar10", carried, allow_subset=True)
+  assert (len(subset.train_labels), len(subset.test_labels)) == (10000, 10000)
+  assert "per-file MD5 verified (2 files)" in subset.source
+  assert "data_batch_2, data_batch_3, data_batch_4, data_batch_5 absent" in subset.source
+  np.testing.assert_array_equal(subset.train_images, full.train_images[:10000])
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -331,8 +343,20 @@ def test_foreign_binary_batch_is_rejected(tmp_path, sample_batches):
   with pytest.raises(data.DataError, match=f"{path}: 614599 bytes is not a whole number of "
                      "3073-byte records"):
     data.load_cifar("cifar10", tmp_path, allow_subset=True)
+  # An absent training batch: an error naming it, unless a subset is allowed; then the
+  # batches present are read and the source says which were absent.
   path.unlink()
-  with pytest.raises(data.DataError, match=f"{path}: cannot read"):
+  with pytest.raises(data.DataError, match="data_batch_4.bin: no such file .*--allow-subset"):
+    data.load_cifar("cifar10", tmp_path)
+  got = data.load_cifar("cifar10", tmp_path, allow_subset=True)
+  assert "data_batch_4.bin absent" in got.source
+  test_file = tmp_path / "cifar-10-batches-bin" / "test_batch.bin"
+  test_file.unlink()  # the test batch is never optional
+  with pytest.raises(data.DataError, match=f"{test_file}: cannot read"):
+    data.load_cifar("cifar10", tmp_path, allow_subset=True)
+  for i in (1, 2, 3, 5):
+    (tmp_path / "cifar-10-batches-bin" / f"data_batch_{i}.bin").unlink()
+  with pytest.raises(data.DataError, match="none of the training batch files"):
     data.load_cifar("cifar10", tmp_path, allow_subset=True)
 
 

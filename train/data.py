@@ -288,8 +288,10 @@ def load_cifar(
       of that name); else an official archive, an extracted archive directory, or a directory
       holding one of them.
     allow_subset: also accept the known subset archives of :data:`SUBSET_ARCHIVES`, extracted
-      files that differ from the official ones, and extracted directories with fewer (or more)
-      images than the official 50000 / 10000. Implied by ``"sample"``.
+      files that differ from the official ones, extracted directories with fewer (or more)
+      images than the official 50000 / 10000, and extracted directories with only some of the
+      training batch files (the ones present are read, say ``data_batch_1`` alone for a copy
+      carried to an accelerator). Implied by ``"sample"``.
     probe: reachability check run before a tfds download (not when tfds has the data
       prepared); returns ``None`` or why the host cannot be reached. Replaceable for tests.
     tfds_data_dir: tensorflow-datasets' data directory (default: tfds's own,
@@ -317,9 +319,14 @@ def load_cifar(
   spec = _SPECS[dataset]
   fmt, path = _locate(path, dataset, spec)
   shown = portable_path(path)
+  train_names = fmt.train
   if path.is_dir():
-    files = {name: _read_file(path / name) for name in fmt.train + fmt.test}
+    train_names = _present_train_files(path, fmt, allow_subset)
+    files = {name: _read_file(path / name) for name in train_names + fmt.test}
     checked, separator = _verify_files(path, fmt, files, dataset, allow_subset), "/"
+    absent = [name for name in fmt.train if name not in train_names]
+    if absent:
+      checked += f"; {', '.join(absent)} absent"
   else:
     checked, separator = _verify_archive(path, fmt, allow_subset) + ", MD5 verified", ":"
     files = _read_archive(path, fmt)
@@ -332,7 +339,7 @@ def load_cifar(
     # Rows hold 1024 red, then green, then blue values, each plane row-major.
     return np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
-  train_images, train_labels = split(fmt.train)
+  train_images, train_labels = split(train_names)
   test_images, test_labels = split(fmt.test)
   counts = (len(train_labels), len(test_labels))
   if counts != OFFICIAL_COUNTS and not allow_subset:
@@ -344,6 +351,25 @@ def load_cifar(
       train_images, train_labels, test_images, test_labels, spec.num_classes,
       source=f"{dataset} from {shown} ({checked}): {counts[0]} train / {counts[1]} test images",
       kind=kind, checksum=content_md5(train_images, train_labels, test_images, test_labels))
+
+
+def _present_train_files(path: pathlib.Path, fmt: _Format, allow_subset: bool) -> tuple:
+  """The training batch files to read from an extracted directory.
+
+  All of them, unless ``allow_subset``: then the ones present (at least one), so that a
+  subset carried to another machine (say ``data_batch_1`` and ``test_batch``) is read as is.
+  """
+  absent = [name for name in fmt.train if not (path / name).exists()]
+  if not absent:
+    return fmt.train
+  if not allow_subset:
+    raise DataError(f"{portable_path(path / absent[0])}: no such file (of {len(absent)} absent "
+                    f"training batch files); pass allow_subset=True (--allow-subset) to train "
+                    "on the batches present")
+  if len(absent) == len(fmt.train):
+    raise DataError(f"{portable_path(path)}: none of the training batch files "
+                    f"({', '.join(fmt.train)}) is there")
+  return tuple(name for name in fmt.train if name not in absent)
 
 
 def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dataset: str,
