@@ -96,6 +96,7 @@ def test_ablation_grid_and_report(tmp_path, monkeypatch):
   text = (tmp_path / "out" / "ablation.md").read_text()
   assert "**77.00 (76.00)**" in text and "76.00 (75.00)" in text and "div (ep 1)" in text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
+  assert (tmp_path / "out" / "blocks.png").stat().st_size > 1000  # per-block steps
   assert ablation.best_lrs(ablation.collect(), 10) == {"sgd": (0.1, 0.77)}
   # A fresh checkout has runs/ but no workdirs/: committed runs are not trained again.
   shutil.rmtree(tmp_path / "workdirs")

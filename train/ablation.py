@@ -379,12 +379,51 @@ def plot(rows) -> None:
     plt.close(fig)
 
 
+def plot_blocks(rows) -> None:
+  """``blocks.png``: per block, the effective angular step over training, one panel per
+  confirmed reading (seed 0; the screen's best learning rates until a confirmation exists)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  epochs = CONFIRM_EPOCHS if any(r.epochs == CONFIRM_EPOCHS for r, _, _ in rows) else \
+      SCREEN_EPOCHS
+  chosen = {(r.reading, r.lr): h for r, h, st in rows
+            if r.epochs == epochs and r.seed == 0 and st == "finished" and "blocks" in h[0]}
+  if epochs == SCREEN_EPOCHS:
+    best = best_lrs(rows, SCREEN_EPOCHS)
+    chosen = {k: h for k, h in chosen.items() if best.get(k[0], (None,))[0] == k[1]}
+  if not chosen:
+    return
+  keys = sorted(chosen, key=lambda k: list(READINGS).index(k[0]))
+  fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.3), sharey=True,
+                           squeeze=False)
+  cmap = plt.get_cmap("viridis")
+  for ax, key in zip(axes[0], keys):
+    hist = chosen[key]
+    steps = [h["blocks"]["angular_step"] for h in hist]
+    n = len(steps[0])
+    for b in range(n):
+      ax.semilogy([h["epoch"] for h in hist], [s[b] for s in steps], color=cmap(b / max(1, n - 1)),
+                  label=f"block {b}" + (" (classifier)" if b == n - 1 else ""))
+    ax.set(xlabel="epoch", title=f"{READINGS[key[0]][0]}, lr {key[1]:g}")
+  axes[0][0].set_ylabel("mean ||dW_b|| / ||W_b|| per step")
+  axes[0][-1].legend(fontsize=7, ncol=2)
+  fig.suptitle(f"Effective angular step of each block's kernel (VGG11-BN width {WIDTH:g}, "
+               f"{epochs} epochs, seed 0): equal across blocks = balanced")
+  fig.tight_layout()
+  tmp = OUT / ".blocks.png.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, OUT / "blocks.png")
+  plt.close(fig)
+
+
 def report() -> None:
   sync_results()
   rows = collect()
   if rows:
     write_table(rows)
     plot(rows)
+    plot_blocks(rows)
 
 
 def main(argv=None) -> int:
