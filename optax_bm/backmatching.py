@@ -95,7 +95,7 @@ def back_matching_step(
     cg_maxiter: int = 100,
     inner_steps: int = 5,
     *,
-    scale_others: bool = True,
+    scale_others: bool = False,
     gamma_aware: bool = False,
 ) -> BackMatchingResult:
   r"""One iteration of back-matching propagation over an explicit chain of blocks.
@@ -117,9 +117,10 @@ def back_matching_step(
     damping: ``λ`` of ``"gauss_newton"``.
     cg_maxiter: conjugate-gradient iterations of ``"gauss_newton"``.
     inner_steps: inner iterations of ``"steps"``.
-    scale_others: for ``"scalar"``: ``P_{b,a} = m_{b,a} I`` for bias/BatchNorm (SPEC v1);
-      ``False``: ``P_{b,a} = A_b I`` (``A_b`` the product of ``1/m_{j,z}`` above block ``b``),
-      the preconditioner that leaves them at plain gradient steps on ``J``.
+    scale_others: for ``"scalar"``: ``True``: ``P_{b,a} = m_{b,a} I`` for bias/BatchNorm
+      (SPEC v1); the default ``False``: ``P_{b,a} = A_b I`` (``A_b`` the product of
+      ``1/m_{j,z}`` above block ``b``), the preconditioner that leaves them at plain gradient
+      steps on ``J``, as :func:`optax_bm.scale_by_back_matching` does by default.
     gamma_aware: for ``"scalar"``: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks
       by ``E[γ²]`` of their BatchNorm scale (:func:`optax_bm.local_hessian_scalars`).
 

@@ -152,7 +152,7 @@ def plan_blocks(spec_leaves: Sequence[Any], paths: Sequence[str]) -> _BlockPlan:
   return _BlockPlan(num_blocks, kernel_index, kernel_spec, scale_index)
 
 
-def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = True,
+def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = False,
                  gamma_aware: bool = False) -> list:
   """``A_b / m_{b,.}`` for every leaf (``None`` for UNSCALED or masked leaves).
 
@@ -208,7 +208,7 @@ def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = True,
   return out
 
 
-def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool = True,
+def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool = False,
                  gamma_aware: bool = False) -> Any:
   r"""The factor that scale-amended SGD applies to every parameter's gradient.
 
@@ -225,8 +225,8 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
     specs: a spec tree with the structure of ``params`` (as made by :func:`optax_bm.annotate`),
       or a callable returning one from ``params``.
     params: the current parameters.
-    scale_others: scale bias and BatchNorm leaves by ``A_b / m_{b,a}``; ``False`` leaves
-      them at factor 1 (see :func:`optax_bm.scale_by_back_matching`).
+    scale_others: scale bias and BatchNorm leaves by ``A_b / m_{b,a}`` too (SPEC v1); the
+      default ``False`` leaves them at factor 1 (see :func:`optax_bm.scale_by_back_matching`).
     gamma_aware: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks by ``E[γ²]``.
 
   Returns:

@@ -38,7 +38,7 @@ def test_block_scales_match_hand_computed_values():
                  "bias": LayerSpec(0, "other", "conv", 16, 4, True)},
            "d": {"kernel": LayerSpec(1, "kernel", "dense", 1, 1, False),
                  "bias": LayerSpec(1, "other", "dense", 1, 1, False)}}
-  sc = optax_bm.block_scales(specs, params)
+  sc = optax_bm.block_scales(specs, params, scale_others=True)  # SPEC v1
   # Top (dense, no BN): m_W = s = 1, m_a = 1, m_z = q / c = (96 / 8) / 1 = 12.
   # Block 0 (conv + BN): r = 18 / 4 = 4.5, m_W = 16 / 4.5, m_a = 16; A_0 = 1 / 12.
   np.testing.assert_allclose(sc["d"]["kernel"], 1.0)
@@ -47,6 +47,11 @@ def test_block_scales_match_hand_computed_values():
   np.testing.assert_allclose(sc["c"]["bias"], (1 / 12) / 16, rtol=1e-6)
   m = optax_bm.local_hessian_scalars(specs["c"]["kernel"], w0)
   np.testing.assert_allclose(m.m_z, 4 / (2 * 4), rtol=1e-6)  # n_out / (m_in c)
+  # The default (SPEC §6 point 3, settled on validation): the same kernels, biases at 1.
+  default = optax_bm.block_scales(specs, params)
+  np.testing.assert_allclose(default["c"]["kernel"], sc["c"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(default["c"]["bias"], 1.0)
+  np.testing.assert_allclose(default["d"]["bias"], 1.0)
 
 
 # --- optax citizenship -----------------------------------------------------------------------
