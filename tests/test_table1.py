@@ -139,10 +139,21 @@ def test_results_are_never_replaced_by_emptier_ones(tmp_path, capsys):
   assert table1.finished_in_table(out / "table1.md") == 2
   assert "2/12 runs finished" in text
   assert "**CPU-scale run (VGG13-BN at width 0.125, 3 epochs); the paper trains" in text
-  # A clone without the work directories (or with fewer of them) keeps the richer results.
-  shutil.rmtree(root / table1.run_name("cifar10", "vgg13", "lars", 0))
-  png = (out / "figure1.png").read_bytes()
+  # A fresh clone has no work directories: the runs committed beside the table still count,
+  # are not trained again, and the table is the same.
+  lars = table1.run_name("cifar10", "vgg13", "lars", 0)
+  shutil.rmtree(root / lars)
   capsys.readouterr()
+  assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
+  assert "warning" not in capsys.readouterr().err
+  assert table1.finished_in_table(out / "table1.md") == 2
+  assert lars not in " ".join(name for name, _ in table1.pending_runs(table1.parse_args(
+      _grid_args(tmp_path))))
+  # Without the committed copy either, the richer results are kept.
+  for f in ("config.json", "metrics.jsonl"):
+    (out / "runs" / f"{lars}.{f}").unlink()
+  text = (out / "table1.md").read_text()
+  png = (out / "figure1.png").read_bytes()
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
   assert "warning: kept" in capsys.readouterr().err
   assert (out / "table1.md").read_text() == text
@@ -153,6 +164,7 @@ def test_results_are_never_replaced_by_emptier_ones(tmp_path, capsys):
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
   assert table1.finished_in_table(out / "table1.md") == 3
   shutil.rmtree(root)
+  shutil.rmtree(out / "runs")
   assert table1.main(_grid_args(tmp_path, "--report-only", "--force")) == 0
   assert table1.finished_in_table(out / "table1.md") == 0
 

@@ -110,8 +110,28 @@ def is_diverged(history: list) -> bool:
 
 def is_finished(workdir: pathlib.Path, epochs: int) -> bool:
   """Trained to the last epoch, or diverged (nothing to resume: rerunning would fail again)."""
-  history = read_metrics(workdir)
+  return _done(read_metrics(workdir), epochs)
+
+
+def _done(history: list, epochs: int) -> bool:
   return bool(history) and (history[-1].get("epoch") == epochs or is_diverged(history))
+
+
+def finished_history(args, name: str) -> Optional[list]:
+  """A finished run's metrics: from its work directory, else from the copy committed beside
+  the table (``<out>/runs/``; work directories are git-ignored and do not survive into a fresh
+  checkout, so a grid that spans sessions resumes from the committed runs). None if neither
+  holds a finished run."""
+  history = read_metrics(pathlib.Path(args.workdir_root) / name)
+  if _done(history, args.epochs):
+    return history
+  copy = pathlib.Path(args.out) / "runs" / f"{name}.metrics.jsonl"
+  if copy.exists():
+    with open(copy) as f:
+      history = [json.loads(line) for line in f if line.strip()]
+    if _done(history, args.epochs):
+      return history
+  return None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,7 +252,7 @@ def pending_runs(args) -> list:
   for d, m, o, s in grid(args):
     name = run_name(d, m, o, s)
     workdir = root / name
-    if is_finished(workdir, args.epochs):
+    if finished_history(args, name) is not None:
       print(f"skip {name}: finished", flush=True)
       continue
     todo.append((name, command(args, d, m, o, s, workdir)))
@@ -306,12 +326,11 @@ def run_grid(args, todo: list, on_done=None) -> tuple:
 
 def collect(args) -> dict:
   """{(dataset, model, optimizer): {seed: history}} over the grid's finished runs."""
-  root = pathlib.Path(args.workdir_root)
   results: dict = {}
   for d, m, o, s in grid(args):
-    workdir = root / run_name(d, m, o, s)
-    if is_finished(workdir, args.epochs):
-      results.setdefault((d, m, o), {})[s] = read_metrics(workdir)
+    history = finished_history(args, run_name(d, m, o, s))
+    if history is not None:
+      results.setdefault((d, m, o), {})[s] = history
   return results
 
 
