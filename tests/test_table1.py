@@ -254,3 +254,17 @@ def test_a_diverged_run_is_not_rerun_and_is_reported(tmp_path, capsys):
   text = (tmp_path / "out" / "table1.md").read_text()
   assert "| SGD | 60.00 [60.00, diverged in epoch 2, 1 seed(s) missing] (93.90) |" in text
   assert (tmp_path / "out" / "figure1.png").exists()
+
+
+def test_table_caption_names_the_scale_amended_reading(tmp_path):
+  args = table1.parse_args(_grid_args(tmp_path))
+  for seed in (0, 1):
+    w = _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "scale_amended", seed), 3)
+    config = json.loads((w / "config.json").read_text())
+    config.update(sa_pooling="before", sa_scale_others=False, sa_gamma_aware=False,
+                  sa_decay_before_scaling=True)
+    (w / "config.json").write_text(json.dumps(config))
+  note = table1._sa_reading_note(args, table1.collect(args))
+  assert "`s` before pooling, bias/BatchNorm unscaled, γ² ignored, decay before" in note
+  (w / "config.json").write_text(json.dumps({"epochs": 3}))  # a run older than the fields
+  assert "not recorded in every config" in table1._sa_reading_note(args, table1.collect(args))

@@ -361,6 +361,36 @@ def reproduce_command(args) -> str:
   return "python train/table1.py " + " ".join(shlex.quote(p) for p in parts)
 
 
+def _sa_reading_note(args, results: dict) -> str:
+  """The reading of SPEC §6 the scale-amended runs used, as their config.json records it."""
+  readings = set()
+  for (d, m, o), runs in results.items():
+    if o != "scale_amended":
+      continue
+    for s in runs:
+      name = run_name(d, m, o, s)
+      for path in (pathlib.Path(args.workdir_root) / name / "config.json",
+                   pathlib.Path(args.out) / "runs" / f"{name}.config.json"):
+        if path.exists():
+          c = json.loads(path.read_text())
+          readings.add((c.get("sa_pooling"), c.get("sa_scale_others"), c.get("sa_gamma_aware"),
+                        c.get("sa_decay_before_scaling")))
+          break
+  if not readings:
+    return ""
+  if readings == {(None,) * 4}:  # configs from before the reading was recorded (issue 11)
+    return (" Scale-amended reading: SPEC v1 (bias/BatchNorm scaled), the library's default "
+            "when these runs were made; today's default leaves them unscaled.")
+  if len(readings) > 1 or None in next(iter(readings)):
+    return (" Scale-amended runs: reading of SPEC §6 not recorded in every config or not the "
+            "same in all (see runs/*.config.json).")
+  pooling, others, gamma, before = next(iter(readings))
+  return (f" Scale-amended reading (SPEC §6, from the runs' configs): `s` {pooling} pooling, "
+          f"bias/BatchNorm {'scaled' if others else 'unscaled'}, γ² "
+          f"{'aware' if gamma else 'ignored'}, decay {'before' if before else 'after'} the "
+          "scaling.")
+
+
 def write_table(args, results: dict, path: pathlib.Path) -> str:
   cols = [(d, m) for d in args.datasets for m in args.models]
   title = {"mini": "Table 1 (mini)", "cpu_full": "Table 1 (CPU scale, full CIFAR-10)"}.get(
@@ -385,7 +415,7 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
       f"`{_display_path(args.data_dir) if args.data_dir else 'tensorflow-datasets'}`; each "
       "optimizer at the paper's "
       "setting (SGD/LSALR lr 0.1 wd 1e-3, LARS lr 2 wd 1e-3 trust 1e-3, scale-amended lr 0.1 "
-      "wd 5e-3; Nesterov momentum 0.9).", "",
+      "wd 5e-3; Nesterov momentum 0.9)." + _sa_reading_note(args, results), "",
       "Cell: median over seeds of the final-epoch test accuracy [each seed's value]; paper's "
       "Table 1 value (median of 3 full-CIFAR runs, full-width VGG, 200 epochs) in "
       "parentheses. Nothing is selected on the test split; a run that diverged (non-finite "
@@ -585,7 +615,8 @@ def portable_config(text: str) -> str:
 
 
 def read_invocations(args) -> list:
-  path = pathlib.Path(args.workdir_root) / "invocations.jsonl"
+  # Beside the table (committed with it), so the time line survives a fresh clone.
+  path = pathlib.Path(args.out) / "invocations.jsonl"
   if not path.exists():
     return []
   with open(path) as f:
@@ -594,9 +625,9 @@ def read_invocations(args) -> list:
 
 def log_invocation(args, wall_s: float, ran: int) -> None:
   """Appends this invocation's wall time (only when it ran runs) for the table's time line."""
-  root = pathlib.Path(args.workdir_root)
-  root.mkdir(parents=True, exist_ok=True)
-  with open(root / "invocations.jsonl", "a") as f:
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / "invocations.jsonl", "a") as f:
     f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                         "wall_s": round(wall_s, 1), "runs": ran, "jobs": args.jobs}) + "\n")
 
