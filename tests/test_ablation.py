@@ -103,3 +103,23 @@ def test_ablation_grid_and_report(tmp_path, monkeypatch):
   monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: pytest.fail("retrained"))
   assert ablation.execute(ablation.Run("sgd", 0.1, 10, 0), git_commit=False) == "finished"
   assert ablation.execute(ablation.Run("sa_gamma", 0.1, 10, 0), git_commit=False) == "diverged"
+
+
+def test_screen_extends_a_sweep_whose_best_is_at_an_end():
+  def row(reading, lr, val, st="finished"):
+    return ablation.Run(reading, lr, 10, 0), [{"epoch": 10, "val_acc": val}], st
+  base = {r.name for r in ablation.screen_runs()}
+  extra = lambda rows: sorted(r.name for r in ablation.screen_runs(rows) if r.name not in base)
+  rows = [row("sgd", 0.1, 0.77), row("sgd", 0.03, 0.76),  # best inside: nothing added
+          row("sa_pool_after", 0.1, 0.65), row("sa_pool_after", 0.03, 0.73)]
+  assert extra(rows) == []  # best at 0.03, but 0.01 not run yet
+  rows.append(row("sa_pool_after", 0.01, 0.77))
+  assert extra(rows) == ["sa_pool_after-lr0.003-e10-s0"]
+  rows.append(row("sa_pool_after", 0.003, 0.78))  # still the lowest: one more below
+  assert extra(rows) == ["sa_pool_after-lr0.001-e10-s0"]
+  rows[-1] = row("sa_pool_after", 0.003, 0.76)  # now inside
+  assert extra(rows) == []
+  # The top end: LARS's best at 4 (after 1 and 2) gets 8; a diverged best is no best.
+  lars = [row("lars", 1.0, 0.70), row("lars", 2.0, 0.72), row("lars", 4.0, 0.74)]
+  assert extra(lars) == ["lars-lr8-e10-s0"]
+  assert extra(lars[:2] + [row("lars", 4.0, 0.1, "diverged")]) == []

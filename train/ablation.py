@@ -10,7 +10,8 @@ Phases:
 
 * ``screen``: VGG11-BN width 1/8, 10 epochs, step decay, batch 128, seed 0; SGD and every
   scale-amended reading over the same learning-rate sweep (0.01, 0.03, 0.1, 0.3), LARS over
-  (1, 2, 4).
+  (1, 2, 4); a reading whose best learning rate is at an end of its sweep gets the next one
+  beyond it (0.003 below 0.01, 1 above 0.3), so that every best is inside its sweep.
 * ``confirm``: the finalists (``--finalists READING@LR ...``, chosen on validation from the
   screen) with 3 seeds at 30 epochs.
 
@@ -72,6 +73,9 @@ READINGS = {
 }
 LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
 LARS_LRS = (2.0, 1.0, 4.0)
+# Where a sweep is extended when its best learning rate is at one of its ends.
+LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+LARS_LADDER = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 SCREEN_EPOCHS, CONFIRM_EPOCHS, CONFIRM_SEEDS = 10, 30, (0, 1, 2)
 COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "sa_v1": "tab:red", "sa_unscaled": "tab:green",
           "sa_pool_after": "tab:purple", "sa_pool_effective": "tab:brown",
@@ -89,13 +93,30 @@ class Run(NamedTuple):
     return f"{self.reading}-lr{self.lr:g}-e{self.epochs}-s{self.seed}"
 
 
-def screen_runs() -> list:
+def screen_runs(rows=None) -> list:
+  """The screen's runs; with ``rows`` (finished runs, :func:`collect`) also its extensions:
+  a reading whose best learning rate on validation is the lowest (highest) it has tried, once
+  that includes its base sweep's lowest (highest), gets the next one below (above) on
+  ``LADDER`` (``LARS_LADDER``), until its best is inside what it has tried."""
   runs = []
   for i in range(max(len(LRS), len(LARS_LRS))):
     for reading in READINGS:
       lrs = LARS_LRS if reading == "lars" else LRS
       if i < len(lrs):
         runs.append(Run(reading, lrs[i], SCREEN_EPOCHS, 0))
+  for reading, (lr, _) in best_lrs(rows or [], SCREEN_EPOCHS).items():
+    ladder = LARS_LADDER if reading == "lars" else LADDER
+    base = LARS_LRS if reading == "lars" else LRS
+    done = {r.lr for r, _, st in rows if r.reading == reading and r.epochs == SCREEN_EPOCHS
+            and r.seed == 0 and st in ("finished", "diverged")}
+    if lr not in ladder or len(done) < 2:
+      continue
+    i = ladder.index(lr)
+    # Beyond an end only once the base sweep's end has been run and is still the best.
+    if lr == min(done) and min(base) in done and i > 0:
+      runs.append(Run(reading, ladder[i - 1], SCREEN_EPOCHS, 0))
+    elif lr == max(done) and max(base) in done and i + 1 < len(ladder):
+      runs.append(Run(reading, ladder[i + 1], SCREEN_EPOCHS, 0))
   return runs
 
 
@@ -448,7 +469,7 @@ def main(argv=None) -> int:
     print(f"error: the full CIFAR-10 is not at {os.path.relpath(DATA_DIR, REPO)} (relative "
           "to the repository); see ../shared/data/README.md", file=sys.stderr)
     return 1
-  runs = screen_runs() if args.phase == "screen" else confirm_runs(args.finalists)
+  runs = screen_runs(collect()) if args.phase == "screen" else confirm_runs(args.finalists)
   if args.readings:
     runs = [r for r in runs if r.reading in args.readings]
   first = [f"{r.reading}@{r.lr:g}" for r in runs]
