@@ -123,3 +123,18 @@ def test_screen_extends_a_sweep_whose_best_is_at_an_end():
   lars = [row("lars", 1.0, 0.70), row("lars", 2.0, 0.72), row("lars", 4.0, 0.74)]
   assert extra(lars) == ["lars-lr8-e10-s0"]
   assert extra(lars[:2] + [row("lars", 4.0, 0.1, "diverged")]) == []
+
+
+def test_readme_tables_come_from_the_report(tmp_path, monkeypatch):
+  monkeypatch.setattr(ablation, "OUT", tmp_path)
+  (tmp_path / "ablation.md").write_text(
+      "# title\n\n## Screen: one seed, 10 epochs\n\n| a |\n|---|\n| 1 |\n\n"
+      "## Confirmation: 3 seeds, 30 epochs\n\n| b |\n\n## Per block, ...\n\nnot this\n")
+  readme = tmp_path / "README.md"
+  readme.write_text(f"intro\n{ablation.README_MARKERS[0]}\nold\n{ablation.README_MARKERS[1]}\nend\n")
+  assert ablation.update_readme(readme)
+  text = readme.read_text()
+  assert "old" not in text and "not this" not in text and text.startswith("intro\n")
+  assert "**Screen: one seed, 10 epochs (full CIFAR-10, VGG11-BN width 1/8).**" in text
+  assert "| 1 |" in text and "| b |" in text and text.endswith(f"{ablation.README_MARKERS[1]}\nend\n")
+  assert not ablation.update_readme(readme)  # idempotent

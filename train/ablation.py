@@ -23,7 +23,7 @@ Examples::
 
   python train/ablation.py --phase screen --jobs 2
   python train/ablation.py --phase confirm --finalists sgd@0.1 sa_unscaled@0.03 --jobs 2
-  python train/ablation.py --report-only
+  python train/ablation.py --report-only --readme   # tables -> ablation.md and README.md
 """
 
 from __future__ import annotations
@@ -447,6 +447,33 @@ def report() -> None:
     plot_blocks(rows)
 
 
+README = REPO / "README.md"
+README_MARKERS = ("<!-- ablation-table:start -->", "<!-- ablation-table:end -->")
+
+
+def update_readme(readme: pathlib.Path = README) -> bool:
+  """Puts ``ablation.md``'s screen and confirmation tables between the README's markers, so
+  that the README's numbers are the committed runs'. Returns whether the README changed."""
+  import re  # pylint: disable=import-outside-toplevel
+  table = (OUT / "ablation.md").read_text()
+  start = table.index("## Screen") if "## Screen" in table else None
+  if start is None:
+    return False
+  end = table.find("## Per block", start)
+  body = table[start:end if end >= 0 else len(table)].strip()
+  body = re.sub(r"^## (.*)$", r"**\1 (full CIFAR-10, VGG11-BN width 1/8).**", body,
+                flags=re.M)
+  text = readme.read_text()
+  begin, finish = (text.index(m) for m in README_MARKERS)
+  new = (text[:begin + len(README_MARKERS[0])] + "\n" + body + "\n" + text[finish:])
+  if new == text:
+    return False
+  tmp = readme.with_name(f".{readme.name}.tmp")
+  tmp.write_text(new)
+  os.replace(tmp, readme)
+  return True
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -461,9 +488,14 @@ def main(argv=None) -> int:
                  help="commit the results directory after every finished run")
   p.add_argument("--dry-run", action="store_true")
   p.add_argument("--report-only", action="store_true")
+  p.add_argument("--readme", action="store_true",
+                 help="with --report-only: also put the tables into README.md (between "
+                      f"{README_MARKERS[0]} and {README_MARKERS[1]})")
   args = p.parse_args(argv)
   if args.report_only:
     report()
+    if args.readme:
+      print("README.md updated" if update_readme() else "README.md unchanged")
     return 0
   if not (DATA_DIR / "data_batch_1").exists():
     print(f"error: the full CIFAR-10 is not at {os.path.relpath(DATA_DIR, REPO)} (relative "
