@@ -268,3 +268,19 @@ def test_table_caption_names_the_scale_amended_reading(tmp_path):
   assert "`s` before pooling, bias/BatchNorm unscaled, γ² ignored, decay before" in note
   (w / "config.json").write_text(json.dumps({"epochs": 3}))  # a run older than the fields
   assert "not recorded in every config" in table1._sa_reading_note(args, table1.collect(args))
+
+
+def test_learning_rate_overrides(tmp_path, capsys):
+  assert table1.main(_grid_args(tmp_path, "--dry-run")) == 0
+  cmds = [c for c in capsys.readouterr().out.splitlines() if "train/cifar.py" in c]
+  sa = table1.CPU_FULL["lrs"]["scale_amended"]
+  assert all((f"--lr {sa:g}" in c) == ("--optimizer scale_amended" in c) for c in cmds)
+  args = table1.parse_args(_grid_args(tmp_path, "--lr", "sgd=0.05"))
+  assert args.lrs == {"scale_amended": sa, "sgd": 0.05}
+  assert "--lr scale_amended=" in table1.reproduce_command(args)
+  assert "--lr sgd=0.05" in table1.reproduce_command(args)
+  assert table1.parse_args(["--mini"]).lrs == {}  # the paper's everywhere
+  for bad in ("adam=0.1", "sgd=-1", "sgd=x"):
+    with pytest.raises(SystemExit):
+      table1.parse_args(["--lr", bad])
+    assert f"--lr {bad!r}: expected OPTIMIZER=LR" in capsys.readouterr().err

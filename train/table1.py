@@ -79,6 +79,8 @@ CPU_FULL = dict(models=["vgg13"], datasets=["cifar10"], optimizers=list(OPTIMIZE
                 seeds=[0, 1, 2], epochs=30, width=0.125, batch_size=128,
                 data_dir=str(REPO.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"),
                 allow_subset=False, cpu_devices=4,
+                # SPEC §6 point 5: scale-amended SGD's learning rate as chosen on validation.
+                lrs={"scale_amended": 0.03},
                 out=str(REPO / "train" / "results" / "table1_cpu_full"),
                 workdir_root=str(REPO / "workdirs" / "table1_cpu_full"))
 PRESETS = {"mini": MINI, "cpu_full": CPU_FULL}
@@ -170,6 +172,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workdir-root", default=None,
                  help="runs' work directories (default workdirs/table1[_mini|_cpu_full], "
                       "git-ignored)")
+  p.add_argument("--lr", action="append", default=None, metavar="OPTIMIZER=LR",
+                 help="one optimizer's learning rate instead of the paper's (repeatable); "
+                      "cpu-full: scale-amended's as chosen on validation in "
+                      "train/results/ablation_cifar10 (SPEC §6 point 5)")
   p.add_argument("--jobs", type=int, default=1, help="runs at once")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="on CPU, simulate N XLA devices per run "
@@ -200,9 +206,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.preset:
     defaults.update(PRESETS[args.preset])
   defaults["compute_dtype"] = "float32"
+  lrs = dict(defaults.pop("lrs", {}))
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
+  for item in args.lr or ():
+    opt, _, value = item.partition("=")
+    try:
+      lr = float(value)
+    except ValueError:
+      lr = float("nan")
+    if opt not in OPTIMIZERS or not lr > 0:
+      p.error(f"--lr {item!r}: expected OPTIMIZER=LR with OPTIMIZER one of "
+              f"{', '.join(OPTIMIZERS)} and LR > 0")
+    lrs[opt] = lr
+  args.lrs = lrs
   # The runs start in the repository: paths given on the command line are the user's (cwd).
   for k in ("out", "workdir_root"):
     setattr(args, k, os.path.abspath(os.path.expanduser(getattr(args, k))))
@@ -224,6 +242,8 @@ def command(args, dataset, model, optimizer, seed, workdir) -> list:
          "--optimizer", optimizer, "--seed", str(seed), "--epochs", str(args.epochs),
          "--batch-size", str(args.batch_size), "--width", f"{args.width:g}",
          "--compute-dtype", args.compute_dtype, "--workdir", str(workdir), "--no-progress"]
+  if optimizer in args.lrs:
+    cmd += ["--lr", f"{args.lrs[optimizer]:g}"]
   if args.data_dir:
     cmd += ["--data-dir", args.data_dir]
   if args.allow_subset:
@@ -356,9 +376,20 @@ def reproduce_command(args) -> str:
     parts += ["--allow-subset"]
   if args.cpu_devices:
     parts += ["--cpu-devices", str(args.cpu_devices)]
+  for opt, lr in sorted(args.lrs.items()):
+    parts += ["--lr", f"{opt}={lr:g}"]
   if args.extra:
     parts += ["--", *args.extra]
   return "python train/table1.py " + " ".join(shlex.quote(p) for p in parts)
+
+
+def _lr_note(args) -> str:
+  if not args.lrs:
+    return ""
+  return (", except the learning rate" + ("s" if len(args.lrs) > 1 else "") + " of " +
+          ", ".join(f"{OPT_LABELS[o]} ({lr:g})" for o, lr in sorted(args.lrs.items())) +
+          (", chosen on a validation split in `train/results/ablation_cifar10` (SPEC §6 point 5)"
+           if args.preset == "cpu_full" and args.lrs == CPU_FULL["lrs"] else ""))
 
 
 def _sa_reading_note(args, results: dict) -> str:
@@ -415,7 +446,8 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
       f"`{_display_path(args.data_dir) if args.data_dir else 'tensorflow-datasets'}`; each "
       "optimizer at the paper's "
       "setting (SGD/LSALR lr 0.1 wd 1e-3, LARS lr 2 wd 1e-3 trust 1e-3, scale-amended lr 0.1 "
-      "wd 5e-3; Nesterov momentum 0.9)." + _sa_reading_note(args, results), "",
+      "wd 5e-3; Nesterov momentum 0.9)" + _lr_note(args) + "." + _sa_reading_note(args, results),
+      "",
       "Cell: median over seeds of the final-epoch test accuracy [each seed's value]; paper's "
       "Table 1 value (median of 3 full-CIFAR runs, full-width VGG, 200 epochs) in "
       "parentheses. Nothing is selected on the test split; a run that diverged (non-finite "
