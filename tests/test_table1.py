@@ -284,3 +284,13 @@ def test_learning_rate_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
       table1.parse_args(["--lr", bad])
     assert f"--lr {bad!r}: expected OPTIMIZER=LR" in capsys.readouterr().err
+
+
+def test_runs_as_a_script_from_any_directory(tmp_path):
+  """`python train/table1.py` (not -m): its data check imports the `train` package."""
+  proc = subprocess.run(
+      [os.sys.executable, str(ROOT / "train" / "table1.py"), "--cpu-full", "--data-dir",
+       str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--workdir-root",
+       str(tmp_path / "w")], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1, proc.stderr
+  assert "Traceback" not in proc.stderr and "error:" in proc.stderr

@@ -41,6 +41,8 @@ import time
 from typing import Optional
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (python train/table1.py): `train` is a package
+  sys.path.insert(0, str(REPO))
 CIFAR_PY = REPO / "train" / "cifar.py"
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19")
 DATASETS = ("cifar10", "cifar100")
