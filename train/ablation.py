@@ -421,10 +421,14 @@ def plot_blocks(rows) -> None:
   if not chosen:
     return
   keys = sorted(chosen, key=lambda k: list(READINGS).index(k[0]))
-  fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.3), sharey=True,
+  ncols = min(3, len(keys))
+  nrows = -(-len(keys) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.0 * nrows + 0.5), sharey=True,
                            squeeze=False)
   cmap = plt.get_cmap("viridis")
-  for ax, key in zip(axes[0], keys):
+  for ax in axes.flat[len(keys):]:
+    ax.set_visible(False)
+  for ax, key in zip(axes.flat, keys):
     hist = chosen[key]
     steps = [h["blocks"]["angular_step"] for h in hist]
     n = len(steps[0])
@@ -432,8 +436,9 @@ def plot_blocks(rows) -> None:
       ax.semilogy([h["epoch"] for h in hist], [s[b] for s in steps], color=cmap(b / max(1, n - 1)),
                   label=f"block {b}" + (" (classifier)" if b == n - 1 else ""))
     ax.set(xlabel="epoch", title=f"{READINGS[key[0]][0]}, lr {key[1]:g}")
-  axes[0][0].set_ylabel("mean ||dW_b|| / ||W_b|| per step")
-  axes[0][-1].legend(fontsize=7, ncol=2)
+  for row in axes:
+    row[0].set_ylabel("mean ||dW_b|| / ||W_b|| per step")
+  axes.flat[len(keys) - 1].legend(fontsize=7, ncol=2)
   fig.suptitle(f"Effective angular step of each block's kernel (VGG11-BN width {WIDTH:g}, "
                f"{epochs} epochs, seed 0): equal across blocks = balanced")
   fig.tight_layout()
