@@ -350,10 +350,23 @@ def _block_table(rows) -> list:
   return out
 
 
-def plot(rows) -> None:
+def _pyplot():
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _save_figure(fig, name: str) -> None:
+  """Writes ``OUT/name`` atomically (a reader never sees half a PNG) and closes ``fig``."""
+  tmp = OUT / f".{name}.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, OUT / name)
+  _pyplot().close(fig)
+
+
+def plot(rows) -> None:
+  plt = _pyplot()
   best = best_lrs(rows, SCREEN_EPOCHS)
   if not best:
     return
@@ -376,10 +389,7 @@ def plot(rows) -> None:
   fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {SCREEN_EPOCHS} epochs, seed 0 "
                "(screen)")
   fig.tight_layout()
-  tmp = OUT / ".curves.png.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, OUT / "curves.png")
-  plt.close(fig)
+  _save_figure(fig, "curves.png")
   conf = [r for r in rows if r[0].epochs == CONFIRM_EPOCHS and r[2] == "finished"]
   if conf:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -399,18 +409,13 @@ def plot(rows) -> None:
     fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {CONFIRM_EPOCHS} epochs: median "
                  "over seeds, range shaded")
     fig.tight_layout()
-    tmp = OUT / ".confirm.png.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, OUT / "confirm.png")
-    plt.close(fig)
+    _save_figure(fig, "confirm.png")
 
 
 def plot_blocks(rows) -> None:
   """``blocks.png``: per block, the effective angular step over training, one panel per
   confirmed reading (seed 0; the screen's best learning rates until a confirmation exists)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = _pyplot()
   epochs = CONFIRM_EPOCHS if any(r.epochs == CONFIRM_EPOCHS for r, _, _ in rows) else \
       SCREEN_EPOCHS
   chosen = {(r.reading, r.lr): h for r, h, st in rows
@@ -442,10 +447,7 @@ def plot_blocks(rows) -> None:
   fig.suptitle(f"Effective angular step of each block's kernel (VGG11-BN width {WIDTH:g}, "
                f"{epochs} epochs, seed 0): equal across blocks = balanced")
   fig.tight_layout()
-  tmp = OUT / ".blocks.png.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, OUT / "blocks.png")
-  plt.close(fig)
+  _save_figure(fig, "blocks.png")
 
 
 def report() -> None:

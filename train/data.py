@@ -321,10 +321,9 @@ def load_cifar(
   shown = portable_path(path)
   train_names = fmt.train
   if path.is_dir():
-    train_names = _present_train_files(path, fmt, allow_subset)
+    train_names, absent = _present_train_files(path, fmt, allow_subset)
     files = {name: _read_file(path / name) for name in train_names + fmt.test}
     checked, separator = _verify_files(path, fmt, files, dataset, allow_subset), "/"
-    absent = [name for name in fmt.train if name not in train_names]
     if absent:
       checked += f"; {', '.join(absent)} absent"
   else:
@@ -354,14 +353,14 @@ def load_cifar(
 
 
 def _present_train_files(path: pathlib.Path, fmt: _Format, allow_subset: bool) -> tuple:
-  """The training batch files to read from an extracted directory.
+  """The training batch files to read from an extracted directory, and the absent ones.
 
   All of them, unless ``allow_subset``: then the ones present (at least one), so that a
   subset carried to another machine (say ``data_batch_1`` and ``test_batch``) is read as is.
   """
   absent = [name for name in fmt.train if not (path / name).exists()]
   if not absent:
-    return fmt.train
+    return fmt.train, []
   if not allow_subset:
     raise DataError(f"{portable_path(path / absent[0])}: no such file (of {len(absent)} absent "
                     f"training batch files); pass allow_subset=True (--allow-subset) to train "
@@ -369,7 +368,7 @@ def _present_train_files(path: pathlib.Path, fmt: _Format, allow_subset: bool) -
   if len(absent) == len(fmt.train):
     raise DataError(f"{portable_path(path)}: none of the training batch files "
                     f"({', '.join(fmt.train)}) is there")
-  return tuple(name for name in fmt.train if name not in absent)
+  return tuple(name for name in fmt.train if name not in absent), absent
 
 
 def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dataset: str,

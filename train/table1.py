@@ -101,12 +101,15 @@ def run_name(dataset: str, model: str, optimizer: str, seed: int) -> str:
   return f"{dataset}-{model}-{optimizer}-s{seed}"
 
 
-def read_metrics(workdir: pathlib.Path) -> list:
-  path = workdir / "metrics.jsonl"
+def _read_jsonl(path: pathlib.Path) -> list:
   if not path.exists():
     return []
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(workdir: pathlib.Path) -> list:
+  return _read_jsonl(workdir / "metrics.jsonl")
 
 
 def is_diverged(history: list) -> bool:
@@ -114,28 +117,25 @@ def is_diverged(history: list) -> bool:
   return bool(history) and bool(history[-1].get("diverged"))
 
 
-def is_finished(workdir: pathlib.Path, epochs: int) -> bool:
+def is_finished(history: list, epochs: int) -> bool:
   """Trained to the last epoch, or diverged (nothing to resume: rerunning would fail again)."""
-  return _done(read_metrics(workdir), epochs)
-
-
-def _done(history: list, epochs: int) -> bool:
   return bool(history) and (history[-1].get("epoch") == epochs or is_diverged(history))
 
 
+def run_files(args, name: str, filename: str) -> tuple:
+  """Where a run's ``filename`` lies: its work directory, then the copy committed beside the
+  table (``<out>/runs/``; work directories are git-ignored and do not survive into a fresh
+  checkout, so a grid that spans sessions resumes from the committed runs)."""
+  return (pathlib.Path(args.workdir_root) / name / filename,
+          pathlib.Path(args.out) / "runs" / f"{name}.{filename}")
+
+
 def finished_history(args, name: str) -> Optional[list]:
-  """A finished run's metrics: from its work directory, else from the copy committed beside
-  the table (``<out>/runs/``; work directories are git-ignored and do not survive into a fresh
-  checkout, so a grid that spans sessions resumes from the committed runs). None if neither
-  holds a finished run."""
-  history = read_metrics(pathlib.Path(args.workdir_root) / name)
-  if _done(history, args.epochs):
-    return history
-  copy = pathlib.Path(args.out) / "runs" / f"{name}.metrics.jsonl"
-  if copy.exists():
-    with open(copy) as f:
-      history = [json.loads(line) for line in f if line.strip()]
-    if _done(history, args.epochs):
+  """A finished run's metrics, from the first of :func:`run_files` holding a finished run;
+  None if neither does."""
+  for path in run_files(args, name, "metrics.jsonl"):
+    history = _read_jsonl(path)
+    if is_finished(history, args.epochs):
       return history
   return None
 
@@ -403,9 +403,7 @@ def _sa_reading_note(args, results: dict) -> str:
     if o != "scale_amended":
       continue
     for s in runs:
-      name = run_name(d, m, o, s)
-      for path in (pathlib.Path(args.workdir_root) / name / "config.json",
-                   pathlib.Path(args.out) / "runs" / f"{name}.config.json"):
+      for path in run_files(args, run_name(d, m, o, s), "config.json"):
         if path.exists():
           c = json.loads(path.read_text())
           readings.add((c.get("sa_pooling"), c.get("sa_scale_others"), c.get("sa_gamma_aware"),
