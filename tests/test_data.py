@@ -146,15 +146,21 @@ def test_sample_matches_hand_decoding(reference, sample_batches):
   assert data.load_cifar("cifar10", data.SAMPLE_DIR).source == got.source
 
 
-@pytest.mark.parametrize("layout", ["python-tar.gz", "python-dir", "binary-tar.gz", "binary-dir"])
+@pytest.mark.parametrize("layout", ["python-tar.gz", "python-dir", "python-files",
+                                    "binary-tar.gz", "binary-dir", "binary-files"])
 def test_cifar10_formats_agree(layout, tmp_path, monkeypatch, reference, sample_batches):
   if layout == "python-tar.gz":
     path = SAMPLE_ARCHIVE
   elif layout == "python-dir":
     path = c10_python_dir(tmp_path)
+  elif layout == "python-files":  # an extracted directory under another name
+    path = c10_python_dir(tmp_path).rename(tmp_path / "my-copy")
   elif layout == "binary-dir":
     write_tree(tmp_path, c10_binary_files(sample_batches))
     path = tmp_path  # found inside the parent directory
+  elif layout == "binary-files":
+    write_tree(tmp_path, c10_binary_files(sample_batches))
+    path = (tmp_path / "cifar-10-batches-bin").rename(tmp_path / "my-copy")
   else:
     path = write_tar_gz(tmp_path / "cifar-10-binary.tar.gz", c10_binary_files(sample_batches))
     register_subset(monkeypatch, path)
@@ -232,6 +238,9 @@ def test_full_extracted_cifar10_is_md5_verified(tmp_path):
   assert "per-file MD5 verified (2 files)" in subset.source
   assert "data_batch_2, data_batch_3, data_batch_4, data_batch_5 absent" in subset.source
   np.testing.assert_array_equal(subset.train_images, full.train_images[:10000])
+  # The same files under another directory name: read the same way.
+  renamed = carried.rename(tmp_path / "carried" / "c10-subset")
+  assert data.load_cifar("cifar10", renamed, allow_subset=True).checksum == subset.checksum
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -368,7 +377,11 @@ def test_bad_requests(tmp_path):
   with pytest.raises(data.DataError, match="no such file or directory"):
     data.load_cifar("cifar10", tmp_path / "nowhere")
   with pytest.raises(data.DataError, match="no cifar10 data found; expected one of "
-                     "cifar-10-python.tar.gz"):
+                     "cifar-10-python.tar.gz.*or a directory holding an extracted one's files "
+                     r"\(test_batch, ...\)"):
+    data.load_cifar("cifar10", tmp_path)
+  (tmp_path / "data_batch_1").write_bytes(b"")  # training batches alone are not recognised
+  with pytest.raises(data.DataError, match="no cifar10 data found"):
     data.load_cifar("cifar10", tmp_path)
   # The shipped archive by its path is a subset archive like any other.
   with pytest.raises(data.DataError, match="optax_bm sample.*allow-subset"):

@@ -17,9 +17,11 @@ Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``in
    the standard library. ``DIR`` may be an archive (``cifar-10-python.tar.gz``,
    ``cifar-10-binary.tar.gz``, ``cifar-100-python.tar.gz``, ``cifar-100-binary.tar.gz``), an
    extracted directory (``cifar-10-batches-py``, ``cifar-10-batches-bin``, ``cifar-100-python``,
-   ``cifar-100-binary``), or a directory holding one of these. In a directory the first present
-   is read, in the order: python archive, binary archive, python directory, binary directory; a
-   bad first candidate is an error, never a silent fallback to the next.
+   ``cifar-100-binary``), a directory holding one of these, or a directory under another name
+   holding an extracted directory's files (``test_batch``, ``data_batch_1``, ... directly). In a
+   directory the first present is read, in the order: python archive, binary archive, python
+   directory, binary directory, python files, binary files; a bad first candidate is an error,
+   never a silent fallback to the next.
 3. ``load_cifar("cifar10", "sample")`` (the string ``"sample"``, or :data:`SAMPLE_DIR`): the
    small real CIFAR-10 sample shipped in ``train/sample/`` (1000 train / 200 test images, see its
    README), an official-format archive read by the same code as 2.
@@ -285,8 +287,8 @@ def load_cifar(
     dataset: ``"cifar10"`` or ``"cifar100"``.
     data_dir: ``None`` for tensorflow-datasets; ``"sample"`` (or :data:`SAMPLE_DIR`) for the
       shipped CIFAR-10 sample (the string always means it: write ``./sample`` for a directory
-      of that name); else an official archive, an extracted archive directory, or a directory
-      holding one of them.
+      of that name); else an official archive, an extracted archive directory, a directory
+      holding one of them, or a directory holding an extracted directory's files.
     allow_subset: also accept the known subset archives of :data:`SUBSET_ARCHIVES`, extracted
       files that differ from the official ones, extracted directories with fewer (or more)
       images than the official 50000 / 10000, and extracted directories with only some of the
@@ -466,10 +468,16 @@ def _locate(path: pathlib.Path, dataset: str, spec: _Spec) -> tuple[_Format, pat
     for fmt, name in candidates:
       if (path / name).exists():
         return fmt, path / name
+    # An extracted directory under another name (say a copy of some of its files): read it
+    # when it holds the format's test file(s) itself; the files are checked as usual.
+    for fmt in spec.formats:
+      if all((path / name).is_file() for name in fmt.test):
+        return fmt, path
   raise DataError(
       f"{path}: no {dataset} data found; expected one of "
       f"{', '.join(name for _, name in candidates)} (from "
-      f"https://www.cs.toronto.edu/~kriz/cifar.html), or the path of one of them")
+      f"https://www.cs.toronto.edu/~kriz/cifar.html), the path of one of them, or a directory "
+      f"holding an extracted one's files ({', '.join(spec.formats[0].test)}, ...)")
 
 
 def _md5(path: pathlib.Path) -> str:
