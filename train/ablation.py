@@ -1,4 +1,5 @@
-"""Does scale-amended SGD beat SGD? The ablation of SPEC §6 on the full CIFAR-10.
+"""Does scale-amended SGD beat SGD? The ablation of SPEC §6 on the full CIFAR-10, and the
+learning-rate screen on the full CIFAR-100 (``--dataset cifar100``).
 
 Each run is ``train/cifar.py`` in a subprocess with its own work directory (so the grid resumes
 where it stopped: finished or diverged runs are skipped, interrupted ones resume from their
@@ -19,11 +20,19 @@ After every finished run its ``config.json`` and ``metrics.jsonl`` are copied to
 ``train/results/ablation_cifar10/runs/`` and ``ablation.md``, ``curves.png`` and
 ``blocks.png`` are regenerated from all finished runs (``--git-commit`` also commits them).
 
+``--dataset cifar100`` runs the same protocol on CIFAR-100 with VGG13-BN width 1/8 (the
+model of Table 1 at CPU scale) for SGD, the default scale-amended reading, LARS and LSALR (LSALR
+over 0.03, 0.1, 0.3); results go to ``train/results/ablation_cifar100/``. Its data is the
+official ``cifar-100-python`` directory, by default ``../data/cifar-100-python`` beside the
+repository (rebuilt by ``../shared/data/cifar100/rebuild.py``; never committed), or
+``--data-dir``.
+
 Examples::
 
   python train/ablation.py --phase screen --jobs 2
   python train/ablation.py --phase confirm --finalists sgd@0.1 sa_unscaled@0.03 --jobs 2
   python train/ablation.py --report-only --readme   # tables -> ablation.md and README.md
+  python train/ablation.py --dataset cifar100 --phase screen --jobs 1 --git-commit
 """
 
 from __future__ import annotations
@@ -72,15 +81,59 @@ READINGS = {
     "sa_gamma": _sa("SA: unscaled + gamma^2-aware", gamma="aware"),
     "sa_decay_after": _sa("SA: unscaled + decay after scaling", decay="after"),
 }
+LSALR = ("LSALR (wd 1e-3)", ["--optimizer", "lsalr"])
 LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
 LARS_LRS = (2.0, 1.0, 4.0)
+LSALR_LRS = (0.1, 0.03, 0.3)
 # Where a sweep is extended when its best learning rate is at one of its ends.
 LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LARS_LADDER = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 SCREEN_EPOCHS, CONFIRM_EPOCHS, CONFIRM_SEEDS = 10, 30, (0, 1, 2)
-COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "sa_v1": "tab:red", "sa_unscaled": "tab:green",
+COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "lsalr": "tab:olive", "sa_v1": "tab:red", "sa_unscaled": "tab:green",
           "sa_pool_after": "tab:purple", "sa_pool_effective": "tab:brown",
           "sa_gamma": "tab:pink", "sa_decay_after": "tab:gray"}
+
+
+TITLE = "Full CIFAR-10, VGG11-BN"  # figures and tables
+
+
+class Study(NamedTuple):
+  """One dataset's ablation: what :func:`use_study` puts into this module's globals."""
+  dataset: str
+  model: str
+  title: str
+  data_dir: pathlib.Path
+  readings: tuple
+
+
+STUDIES = {
+    "cifar10": Study("cifar10", "vgg11", "Full CIFAR-10, VGG11-BN", DATA_DIR, tuple(READINGS)),
+    "cifar100": Study("cifar100", "vgg13", "Full CIFAR-100, VGG13-BN",
+                      REPO.parent / "data" / "cifar-100-python",
+                      ("sgd", "sa_unscaled", "lars", "lsalr")),
+}
+_ALL_READINGS = {**READINGS, "lsalr": LSALR}
+
+
+def use_study(dataset: str, data_dir: Optional[str] = None) -> Study:
+  """Points the module's globals (data, model, readings, output and work directories) at one
+  dataset's study; CIFAR-10's is the default at import."""
+  global DATA_DIR, OUT, WORKDIRS, MODEL, READINGS, TITLE, DATASET  # pylint: disable=global-statement
+  study = STUDIES[dataset]
+  DATASET, MODEL, TITLE = study.dataset, study.model, study.title
+  DATA_DIR = pathlib.Path(data_dir).resolve() if data_dir else study.data_dir
+  OUT = REPO / "train" / "results" / f"ablation_{dataset}"
+  WORKDIRS = REPO / "workdirs" / f"ablation_{dataset}"
+  READINGS = {r: _ALL_READINGS[r] for r in study.readings}
+  return study
+
+
+DATASET = "cifar10"
+
+
+def sweep(reading: str) -> tuple:
+  """The screen's base learning rates of ``reading``, in the order they run."""
+  return {"lars": LARS_LRS, "lsalr": LSALR_LRS}.get(reading, LRS)
 
 
 class Run(NamedTuple):
@@ -100,14 +153,14 @@ def screen_runs(rows=None) -> list:
   that includes its base sweep's lowest (highest), gets the next one below (above) on
   ``LADDER`` (``LARS_LADDER``), until its best is inside what it has tried."""
   runs = []
-  for i in range(max(len(LRS), len(LARS_LRS))):
+  for i in range(max(len(sweep(r)) for r in READINGS)):
     for reading in READINGS:
-      lrs = LARS_LRS if reading == "lars" else LRS
+      lrs = sweep(reading)
       if i < len(lrs):
         runs.append(Run(reading, lrs[i], SCREEN_EPOCHS, 0))
   for reading, (lr, _) in best_lrs(rows or [], SCREEN_EPOCHS).items():
     ladder = LARS_LADDER if reading == "lars" else LADDER
-    base = LARS_LRS if reading == "lars" else LRS
+    base = sweep(reading)
     done = {r.lr for r, _, st in rows if r.reading == reading and r.epochs == SCREEN_EPOCHS
             and r.seed == 0 and st in ("finished", "diverged")}
     if lr not in ladder or len(done) < 2:
@@ -149,8 +202,8 @@ def status(history: list, epochs: int) -> str:
 
 
 def command(run: Run) -> list:
-  return [sys.executable, str(CIFAR_PY), "--data-dir", os.path.relpath(DATA_DIR, REPO),
-          "--model", MODEL, "--width", f"{WIDTH:g}", "--batch-size", str(BATCH),
+  return [sys.executable, str(CIFAR_PY), "--dataset", DATASET,
+          "--data-dir", os.path.relpath(DATA_DIR, REPO), "--model", MODEL, "--width", f"{WIDTH:g}", "--batch-size", str(BATCH),
           "--epochs", str(run.epochs), "--lr", f"{run.lr:g}", "--seed", str(run.seed),
           "--val-split", str(VAL_SPLIT), "--log-blocks", "--no-progress",
           *READINGS[run.reading][1], "--workdir", os.path.relpath(WORKDIRS / run.name, REPO)]
@@ -183,7 +236,7 @@ def execute(run: Run, git_commit: bool) -> str:
   if st in ("finished", "diverged"):
     report()
     if git_commit:
-      _commit([str(OUT.relative_to(REPO))], f"ablation_cifar10: {run.name} {st}")
+      _commit([str(OUT.relative_to(REPO))], f"ablation_{DATASET}: {run.name} {st}")
   return st
 
 
@@ -250,9 +303,9 @@ def best_lrs(rows, epochs: int) -> dict:
 
 def write_table(rows) -> str:
   lines = [
-      "# Does scale-amended SGD beat SGD? Ablation on the full CIFAR-10",
+      f"# Does scale-amended SGD beat SGD? Ablation on the {TITLE.split(',')[0].lower()}",
       "",
-      f"VGG11-BN width {WIDTH:g}, batch {BATCH}, step decay (x0.1 at 50% and 75%), Nesterov "
+      f"{TITLE.split(', ')[1]} width {WIDTH:g}, batch {BATCH}, step decay (x0.1 at 50% and 75%), Nesterov "
       f"momentum 0.9, float32, CPU. Training on 45,000 images; the last {VAL_SPLIT:,} training "
       "images are a held-out validation split (choices are made on it); test = the official "
       "10,000 test images (reported, never used to choose). Final-epoch numbers. Weight decay: "
@@ -386,7 +439,7 @@ def plot(rows) -> None:
   axes[2].set(xlabel="block (0 = first conv, last = classifier)",
               ylabel="mean ||dW||/||W|| per step", title="effective angular step, epoch 5")
   axes[1].legend(fontsize=7)
-  fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {SCREEN_EPOCHS} epochs, seed 0 "
+  fig.suptitle(f"{TITLE} width {WIDTH:g}, {SCREEN_EPOCHS} epochs, seed 0 "
                "(screen)")
   fig.tight_layout()
   _save_figure(fig, "curves.png")
@@ -406,7 +459,7 @@ def plot(rows) -> None:
     axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
     axes[1].set(xlabel="epoch", ylabel="test accuracy %", ylim=(40, None))
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"Full CIFAR-10, VGG11-BN width {WIDTH:g}, {CONFIRM_EPOCHS} epochs: median "
+    fig.suptitle(f"{TITLE} width {WIDTH:g}, {CONFIRM_EPOCHS} epochs: median "
                  "over seeds, range shaded")
     fig.tight_layout()
     _save_figure(fig, "confirm.png")
@@ -444,7 +497,7 @@ def plot_blocks(rows) -> None:
   for row in axes:
     row[0].set_ylabel("mean ||dW_b|| / ||W_b|| per step")
   axes.flat[len(keys) - 1].legend(fontsize=7, ncol=2)
-  fig.suptitle(f"Effective angular step of each block's kernel (VGG11-BN width {WIDTH:g}, "
+  fig.suptitle(f"Effective angular step of each block's kernel ({TITLE} width {WIDTH:g}, "
                f"{epochs} epochs, seed 0): equal across blocks = balanced")
   fig.tight_layout()
   _save_figure(fig, "blocks.png")
@@ -489,9 +542,16 @@ def update_readme(readme: pathlib.Path = README) -> bool:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--dataset", choices=tuple(STUDIES), default="cifar10",
+                 help="cifar10: VGG11-BN, every reading; cifar100: VGG13-BN, SGD, the default "
+                      "scale-amended reading, LARS, LSALR")
+  p.add_argument("--data-dir", default=None,
+                 help="the official extracted directory (default: cifar10 "
+                      "../shared/data/cifar10/cifar-10-batches-py, cifar100 "
+                      "../data/cifar-100-python, relative to the repository)")
   p.add_argument("--phase", choices=("screen", "confirm"), default="screen")
   p.add_argument("--finalists", nargs="+", default=(), help="READING@LR for --phase confirm")
-  p.add_argument("--readings", nargs="+", choices=tuple(READINGS), default=None,
+  p.add_argument("--readings", nargs="+", choices=tuple(_ALL_READINGS), default=None,
                  help="only these readings")
   p.add_argument("--first", nargs="+", default=(), metavar="READING@LR",
                  help="run these runs of the phase first (scheduling only)")
@@ -504,14 +564,17 @@ def main(argv=None) -> int:
                  help="with --report-only: also put the tables into README.md (between "
                       f"{README_MARKERS[0]} and {README_MARKERS[1]})")
   args = p.parse_args(argv)
+  use_study(args.dataset, args.data_dir)
   if args.report_only:
     report()
     if args.readme:
       print("README.md updated" if update_readme() else "README.md unchanged")
     return 0
-  if not (DATA_DIR / "data_batch_1").exists():
-    print(f"error: the full CIFAR-10 is not at {os.path.relpath(DATA_DIR, REPO)} (relative "
-          "to the repository); see ../shared/data/README.md", file=sys.stderr)
+  first_file = "data_batch_1" if DATASET == "cifar10" else "train"
+  if not (DATA_DIR / first_file).exists():
+    print(f"error: the full {DATASET} is not at {os.path.relpath(DATA_DIR, REPO)} (relative "
+          f"to the repository; no {first_file} there): see ../shared/data/README.md, or pass "
+          "--data-dir", file=sys.stderr)
     return 1
   runs = screen_runs(collect()) if args.phase == "screen" else confirm_runs(args.finalists)
   if args.readings:
