@@ -11,6 +11,8 @@ the data flow from the parameters and the input:
   to the conv output, a BatchNorm scale multiplying it);
 * a block is **normalized** if its activations are reduced over the batch axis (BatchNorm in
   training mode);
+* PRNG keys and whatever is computed from them (a dropout mask) are not activations, whether
+  the key is the model's own (NNX) or passed with the sample inputs (``rngs=...``);
 * ``s`` is the kernel op's output positions per example, ``c`` the block input's spatial
   positions over the spatial positions of the block output (its per-example size over the
   block's output channels, which counts a flattened map before flattening and a global pool
@@ -49,6 +51,10 @@ _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call"
                     "custom_vjp_call", "custom_vjp_call_jaxpr", "checkpoint", "remat",
                     "custom_lin"})
 _KERNEL_PRIMITIVES = frozenset({"conv_general_dilated", "dot_general"})
+# Ops on PRNG keys: what they return (keys, random bits, a dropout mask) is not activations,
+# even when the key was passed with the sample inputs (Linen's ``rngs={"dropout": key}``).
+_RANDOM = frozenset({"random_seed", "random_wrap", "random_unwrap", "random_bits",
+                     "random_split", "random_fold_in", "random_clone", "threefry2x32"})
 
 
 def _sub_jaxprs(eqn):
@@ -124,6 +130,8 @@ class _Tracer:
           return self.run(sub, ins)
     if name == "optimization_barrier":  # the identity on each operand
       return list(ins)
+    if name in _RANDOM:
+      return [_CONST] * len(eqn.outvars)
     if subs and any(i.params for i in ins) and any(_contains_kernel_op(j) for j in subs):
       raise ValueError(
           f"optax_bm.annotate: parameters {self._param_names(ins)[:4]} enter a {name!r} "
