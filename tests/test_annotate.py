@@ -220,7 +220,8 @@ class _ExplicitPadChain(nnx.Module):
 
 
 def test_block_input_is_counted_before_explicit_padding():
-  """SPEC §3's c counts z_{b-1}'s positions: jnp.pad + VALID conv annotates like SAME."""
+  """c counts z_{b-1}'s positions (docs/method.md#3-scalar-local-hessians): jnp.pad + VALID
+  conv annotates like SAME."""
   x = jnp.zeros((2, 8, 8, 3))
   want = optax_bm.annotate(_ExplicitPadChain(False, nnx.Rngs(0)), x)
   got = optax_bm.annotate(_ExplicitPadChain(True, nnx.Rngs(0)), x)
