@@ -11,12 +11,14 @@ the data flow from the parameters and the input:
   to the conv output, a BatchNorm scale multiplying it);
 * a block is **normalized** if its activations are reduced over the batch axis (BatchNorm in
   training mode);
+* PRNG keys and whatever is computed from them (a dropout mask) are not activations, whether
+  the key is the model's own (NNX) or passed with the sample inputs (``rngs=...``);
 * ``s`` is the kernel op's output positions per example, ``c`` the block input's spatial
   positions over the spatial positions of the block output (its per-example size over the
   block's output channels, which counts a flattened map before flattening and a global pool
   as one position). The block input is measured before any explicit padding (``lax.pad``,
-  e.g. ``jnp.pad`` in constant mode, then a VALID convolution): SPEC §3 counts the positions
-  of ``z_{b-1}``, not of the padded operand.
+  e.g. ``jnp.pad`` in constant mode, then a VALID convolution): ``c`` counts the positions of
+  ``z_{b-1}``, not of the padded operand (docs/method.md#3-scalar-local-hessians).
 
 Written by hand because no library does it: Flax's ``nn.intercept_methods`` exists for Linen
 only, and a jaxpr sees through whatever module structure the user wrote.
@@ -49,6 +51,10 @@ _CALLS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_call"
                     "custom_vjp_call", "custom_vjp_call_jaxpr", "checkpoint", "remat",
                     "custom_lin"})
 _KERNEL_PRIMITIVES = frozenset({"conv_general_dilated", "dot_general"})
+# Ops on PRNG keys: what they return (keys, random bits, a dropout mask) is not activations,
+# even when the key was passed with the sample inputs (Linen's ``rngs={"dropout": key}``).
+_RANDOM = frozenset({"random_seed", "random_wrap", "random_unwrap", "random_bits",
+                     "random_split", "random_fold_in", "random_clone", "threefry2x32"})
 
 
 def _sub_jaxprs(eqn):
@@ -124,6 +130,8 @@ class _Tracer:
           return self.run(sub, ins)
     if name == "optimization_barrier":  # the identity on each operand
       return list(ins)
+    if name in _RANDOM:
+      return [_CONST] * len(eqn.outvars)
     if subs and any(i.params for i in ins) and any(_contains_kernel_op(j) for j in subs):
       raise ValueError(
           f"optax_bm.annotate: parameters {self._param_names(ins)[:4]} enter a {name!r} "
@@ -338,7 +346,8 @@ POOLING_READINGS = ("before", "after", "effective")
 
 def _positions(pooling: str, kind: str, s: int, c_op: float, c_pool: float,
                pool_below: float) -> dict:
-  """``s`` and ``c`` of one block under a reading of the paper's pooling (SPEC §6 point 2).
+  """``s`` and ``c`` of one block under a reading of the paper's pooling
+  (docs/method.md#62-pooling-in-s-and-c).
 
   ``s`` is the kernel op's output positions, ``c_op`` its own spatial contraction (stride),
   ``c_pool`` the block's contraction after the kernel op (pooling), ``pool_below`` the
@@ -377,7 +386,7 @@ def annotate(model: Any, *sample_args: Any,
     unscaled: parameters to leave out of the rescaling (spec :data:`optax_bm.UNSCALED`):
       an iterable of paths like ``"embed/scale"``, an optax-style mask (tree of bools or
       callable on params). Without it, a parameter the annotation cannot place is an error.
-    pooling: how the block's pooling enters ``s`` and ``c`` (SPEC §6 point 2):
+    pooling: how the block's pooling enters ``s`` and ``c`` (docs/method.md#62-pooling-in-s-and-c):
       ``"before"`` (SPEC v1): ``s`` counts the kernel op's output positions, before the
       block's pooling, and the pooling's contraction sits in the pooled block's own ``c``;
       ``"after"`` (the first author's public script): ``s`` counts the block's output
@@ -498,7 +507,8 @@ def annotate(model: Any, *sample_args: Any,
             f"optax_bm.annotate: cannot count the output positions of block {b} (kernel "
             f"{paths[op.param]!r}): its output of {size} values per example is not a multiple "
             f"of its {n_out} channels.")
-      # SPEC's c = input positions / block output positions = c_op (stride) · c_pool.
+      # c = input positions / block output positions = c_op (stride) · c_pool
+      # (docs/method.md#3-scalar-local-hessians).
       c_op = (_per_example_size(op.in_shape) // op.in_shape[-1]) / s
       c_pool = s / (size // n_out)
     block_specs.append(dict(kind=op.kind, **_positions(pooling, op.kind, s, c_op, c_pool,

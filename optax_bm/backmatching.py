@@ -1,4 +1,6 @@
-r"""Reference back-matching propagation, block by block (SPEC §2).
+r"""Reference back-matching propagation, block by block.
+
+The mathematics: docs/method.md#2-back-matching-propagation.
 
 This is the algorithm the optimizer is derived from, written the slow, literal way: one
 forward pass, then for ``b = B, ..., 1`` two local problems per block, each solved
@@ -108,7 +110,7 @@ def back_matching_step(
     learning_rate: ``η`` of the θ-steps (the z-steps have step 1, as in Proposition 1).
     solver: how each local problem is solved approximately:
       ``"gradient"``: one step with ``P = I`` (Proposition 1: gradient descent on ``J``);
-      ``"scalar"``: one step with the scalar local Hessians of SPEC §3 (needs ``specs``);
+      ``"scalar"``: one step with the scalar local Hessians (needs ``specs``);
       ``"gauss_newton"``: one damped Gauss-Newton step ``(H + λI)^{-1} ∇ℓ_b`` with the true
       local Hessian (Gauss-Newton matrix of ``ℓ_b``; the loss Hessian for the top block),
       solved matrix-free by conjugate gradients;

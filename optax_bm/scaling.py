@@ -1,4 +1,7 @@
-"""Scalar local Hessians (SPEC §3) and the per-leaf factors ``A_b / m_{b,.}`` (SPEC §2).
+"""Scalar local Hessians and the per-leaf factors ``A_b / m_{b,.}`` of scale-amended SGD.
+
+The mathematics: docs/method.md#3-scalar-local-hessians (scalars) and
+docs/method.md#scale-amended-sgd-the-unrolled-factors (factors).
 
 This module is pure arithmetic on a spec tree and the current parameters; the optax
 transformation in :mod:`optax_bm.transform` only multiplies updates by what it returns.
@@ -17,7 +20,7 @@ from optax_bm.specs import CONV, DENSE, LayerSpec
 
 
 class LocalHessianScalars(NamedTuple):
-  """The scalar local Hessians of one block (SPEC §3)."""
+  """The scalar local Hessians of one block (docs/method.md#3-scalar-local-hessians)."""
 
   m_w: jax.Array  # kernel: P_{b,W} = m_w I
   m_a: jax.Array  # bias, BatchNorm scale/offset: P_{b,a} = m_a I
@@ -49,7 +52,8 @@ def _safe(m):
 
 def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array, path: str = "kernel",
                           gamma2: Optional[jax.Array] = None) -> LocalHessianScalars:
-  r"""Scalar approximations of a block's local Hessians (SPEC §3, supplement §C.1).
+  r"""Scalar approximations of a block's local Hessians (supplement §C.1;
+  docs/method.md#3-scalar-local-hessians).
 
   With ``r = ||W||_F^2 / n_out`` (mean squared row norm of ``W_row``) and
   ``q = ||W||_F^2 / m_in`` (mean squared row norm of ``W_col``):
@@ -66,7 +70,8 @@ def local_hessian_scalars(spec: LayerSpec, kernel: jax.Array, path: str = "kerne
   With ``gamma2`` (the mean squared BatchNorm scale ``E[γ²]`` of a normalized block), the
   block's output is ``γ`` times the normalized one, so its Jacobians with respect to the kernel
   and the input carry ``γ``: ``m_W`` and ``m_z`` are multiplied by ``E[γ²]`` ("γ²-aware"
-  scalars; SPEC §6 point 4). ``m_a`` is unchanged (the offset's Jacobian does not carry γ).
+  scalars; docs/method.md#64-batchnorms-scale-ignored). ``m_a`` is unchanged (the offset's
+  Jacobian does not carry γ).
 
   Args:
     spec: the kernel's :class:`LayerSpec` (any leaf of the block carries the same description).
@@ -212,7 +217,7 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
                  gamma_aware: bool = False) -> Any:
   r"""The factor that scale-amended SGD applies to every parameter's gradient.
 
-  For a leaf of block ``b`` (SPEC §2):
+  For a leaf of block ``b`` (docs/method.md#scale-amended-sgd-the-unrolled-factors):
 
   .. math::
 

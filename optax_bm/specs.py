@@ -22,7 +22,7 @@ DENSE = "dense"
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
-  """The annotation of one parameter leaf (SPEC §1, §3).
+  """The annotation of one parameter leaf (docs/method.md#1-network-blocks-objective).
 
   A block starts at one kernel layer (convolution or dense) and holds everything up to the
   next kernel layer. Every leaf of a block carries the block's description, so that a leaf's

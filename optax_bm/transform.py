@@ -27,10 +27,11 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
                            gamma_aware: bool = False) -> optax.GradientTransformation:
   r"""Rescales every block's update by its scalar local Hessians (scale-amended SGD).
 
-  Back-matching propagation (SPEC §2) solves, from the top block down, one local problem
-  per block: match the block's output to the target sent from above, with one step
-  preconditioned by the scalar local Hessians ``m_{b,z}``, ``m_{b,W}``, ``m_{b,a}``. Unrolled,
-  that is exactly a gradient step in which block ``b``'s gradient is multiplied by
+  Back-matching propagation (docs/method.md#2-back-matching-propagation) solves, from the
+  top block down, one local problem per block: match the block's output to the target sent
+  from above, with one step preconditioned by the scalar local Hessians ``m_{b,z}``,
+  ``m_{b,W}``, ``m_{b,a}``. Unrolled, that is exactly a gradient step in which block ``b``'s
+  gradient is multiplied by
 
   .. math::
 
@@ -48,14 +49,15 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
     scale_others: also multiply bias and BatchNorm leaves by ``A_b / m_{b,a}`` (SPEC v1).
       The default ``False`` leaves them at factor 1, which is the back-matching step with
       ``P_{b,a} = A_b I`` (so the equivalence with block-wise back-matching still holds) and
-      what the first author's code does (it rescales only kernels; SPEC §6 point 3). Chosen
+      what the first author's code does (it rescales only kernels;
+      docs/method.md#63-bias-and-batchnorm-parameters-factor-1). Chosen
       on a validation split held out of the full CIFAR-10 (VGG11-BN width 1/8, 10 epochs, one
       seed): factor 1 reached 76.04 / 76.38 / 73.64 % at lr 0.01 / 0.03 / 0.1 against SPEC
       v1's 73.50 / 75.70 / 70.98 %, and 80.26 % (median of 3 seeds) against 79.76 % (one
       seed) at 30 epochs and lr 0.03 (``train/results/ablation_cifar10/ablation.md``).
     gamma_aware: multiply the kernel and input scalars ``m_{b,W}``, ``m_{b,z}`` of every block
-      with BatchNorm by the mean squared BatchNorm scale ``E[γ²]`` of that block (SPEC §6
-      point 4; see :func:`optax_bm.local_hessian_scalars`).
+      with BatchNorm by the mean squared BatchNorm scale ``E[γ²]`` of that block
+      (docs/method.md#64-batchnorms-scale-ignored; see :func:`optax_bm.local_hessian_scalars`).
 
   Returns:
     An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
@@ -110,7 +112,7 @@ def scale_amended_sgd(
     gamma_aware: bool = False,
     decay_before_scaling: bool = True,
 ) -> optax.GradientTransformation:
-  r"""Scale-amended SGD, the paper's optimizer (SPEC §4).
+  r"""Scale-amended SGD, the paper's optimizer (docs/method.md#4-the-optimizers-of-table-1).
 
   With ``g`` the gradient, ``λ`` the weight decay and ``f_b`` the back-matching factor of
   :func:`scale_by_back_matching`:
@@ -122,7 +124,8 @@ def scale_amended_sgd(
 
   Weight decay enters the gradient before the layer-wise scaling, as in the baselines
   (``decay_before_scaling=False`` adds it after: ``d = f_b ⊙ g + λθ``, as ``torch.optim.SGD``
-  would after the authors' in-place rescaling of ``.grad``; SPEC §6 point 1).
+  would after the authors' in-place rescaling of ``.grad``;
+  docs/method.md#61-weight-decay-before-the-scaling).
 
   Args:
     learning_rate: a global learning rate or an optax schedule (paper: 0.1).
@@ -164,7 +167,9 @@ def layerwise_sgd(
     nesterov: bool,
     decay_before_scaling: bool = True,
 ) -> optax.GradientTransformation:
-  """The shape shared by Table 1's layer-wise optimizers (SPEC §4).
+  """The shape shared by Table 1's layer-wise optimizers.
+
+  See docs/method.md#4-the-optimizers-of-table-1.
 
   ``add_decayed_weights`` (weight decay enters before any layer-wise scaling) ->
   ``scaling`` -> ``trace`` (momentum, unless ``None``) -> ``scale_by_learning_rate``; with

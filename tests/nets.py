@@ -1,7 +1,8 @@
 """Small chain networks for the core tests: each model is an explicit list of blocks.
 
-A block is one kernel layer and everything up to the next one (SPEC §1), so the reference
-back-matching loop can run the very same modules block by block.
+A block is one kernel layer and everything up to the next one
+(docs/method.md#1-network-blocks-objective), so the reference back-matching loop can run the
+very same modules block by block.
 """
 
 from __future__ import annotations

@@ -220,10 +220,61 @@ class _ExplicitPadChain(nnx.Module):
 
 
 def test_block_input_is_counted_before_explicit_padding():
-  """SPEC §3's c counts z_{b-1}'s positions: jnp.pad + VALID conv annotates like SAME."""
+  """c counts z_{b-1}'s positions (docs/method.md#3-scalar-local-hessians): jnp.pad + VALID
+  conv annotates like SAME."""
   x = jnp.zeros((2, 8, 8, 3))
   want = optax_bm.annotate(_ExplicitPadChain(False, nnx.Rngs(0)), x)
   got = optax_bm.annotate(_ExplicitPadChain(True, nnx.Rngs(0)), x)
   assert _block_table(want) == [("conv", 64, 4.0, False), ("conv", 16, 1.0, False),
                                 ("dense", 1, 1.0, False)]
   assert got == want
+
+
+class _LinenDropoutNet(nn.Module):
+  """Conv -> BN -> ReLU -> Dropout -> Conv -> BN -> mean -> Dense (issue 20, defect 1)."""
+  dropout: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+    if self.dropout:
+      x = nn.Dropout(0.5, deterministic=not train)(x)
+    x = nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x))
+    return nn.Dense(5)(x.mean(axis=(1, 2)))
+
+
+_DROPOUT_EXPECTED = [("conv", 64, 1.0, True), ("conv", 64, 64.0, True), ("dense", 1, 1.0, False)]
+
+
+@pytest.mark.parametrize("key", [jax.random.key(1), jax.random.PRNGKey(1)],
+                         ids=["typed_key", "raw_key"])
+def test_linen_dropout_rng_is_not_an_activation(key):
+  x = jnp.zeros((4, 8, 8, 3))
+  variables = _LinenDropoutNet().init(jax.random.key(0), x)
+  specs = optax_bm.annotate(_LinenDropoutNet(), variables, x, train=True,
+                            rngs={"dropout": key})
+  assert _block_table(specs) == _DROPOUT_EXPECTED
+  plain = optax_bm.annotate(_LinenDropoutNet(dropout=False), variables, x, train=True)
+  assert specs == plain  # dropout has no parameters: same tree, same specs
+
+
+class _NNXDropoutNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv1, self.bn1 = nnx.Conv(3, 8, (3, 3), rngs=rngs), nnx.BatchNorm(8, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.conv2, self.bn2 = nnx.Conv(8, 16, (3, 3), rngs=rngs), nnx.BatchNorm(16, rngs=rngs)
+    self.fc = nnx.Linear(16, 5, rngs=rngs)
+
+  def __call__(self, x, rngs=None):
+    x = self.drop(nnx.relu(self.bn1(self.conv1(x))), rngs=rngs)
+    return self.fc(self.bn2(self.conv2(x)).mean(axis=(1, 2)))
+
+
+def test_nnx_dropout_rng_is_not_an_activation():
+  model = _NNXDropoutNet(nnx.Rngs(0))
+  model.train()
+  x = jnp.zeros((4, 8, 8, 3))
+  assert _block_table(optax_bm.annotate(model, x)) == _DROPOUT_EXPECTED
+  # The key passed with the call, as data: no more an activation than the module's own.
+  specs = optax_bm.annotate(model, x, rngs=nnx.Rngs(dropout=jax.random.key(2)))
+  assert _block_table(specs) == _DROPOUT_EXPECTED

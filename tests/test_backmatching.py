@@ -1,4 +1,4 @@
-"""SPEC §2: the optimizer equals block-wise back-matching; Proposition 1; the other solvers."""
+"""The optimizer equals block-wise back-matching; Proposition 1; the other solvers."""
 
 import chex
 import jax
@@ -192,7 +192,8 @@ def test_bad_solver_and_missing_specs():
                                     solver="scalar")
 
 
-# The readings of SPEC §6 (hand-computed s, c of nets.vgg_like at hw=8 under each pooling).
+# The readings of docs/method.md#6-open-points-and-what-decided-them
+# (hand-computed s, c of nets.vgg_like at hw=8 under each pooling).
 _READING_SPECS = {
     "before": nets.vgg_like_expected(),
     # s after pooling; the pooling's c moves to the block reading the pooled map.
@@ -211,7 +212,7 @@ _READING_SPECS = {
     ("after", False, False), ("after", True, False), ("effective", False, False),
 ])
 def test_every_reading_equals_scalar_back_matching(pooling, scale_others, gamma_aware):
-  """Each reading of SPEC §6 the transform offers is block-wise back-matching (f64, 1e-10)."""
+  """Each reading the transform offers is block-wise back-matching (f64, 1e-10)."""
   model = nets.vgg_like(jnp.float64)
   # BatchNorm scales away from 1, so that the γ²-aware scalars differ from the plain ones.
   bns = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]

@@ -1,4 +1,4 @@
-"""SPEC §5: local Hessians (exact, matrix-free, spectral estimates) and supplement eqs. 7–10, 14–19.
+"""Local Hessians (exact, matrix-free, spectral estimates) and supplement eqs. 7–10, 14–19.
 
 Precision checks run in float64 (``jax.enable_x64`` fixture, restored afterwards); the
 matrix-free smoke test runs in float32 as users would.
@@ -283,7 +283,7 @@ def test_hutchpp_exact_on_low_rank_and_close_otherwise(spectrum_case):
   assert abs(float(est2.value) - float(jnp.trace(c.dense))) <= 4 * float(est2.stderr)
 
 
-# --- the SPEC §3 scalars beside the measured mean eigenvalue ------------------------------
+# --- the scalar local Hessians beside the measured mean eigenvalue ----------------------
 
 
 def test_compare_with_scalars_matches_dense_traces(x64):
@@ -318,7 +318,7 @@ def test_compare_with_scalars_matches_dense_traces(x64):
 
 
 def test_spec_scalars_are_exact_for_a_linear_valid_conv(x64):
-  """Where SPEC §3's derivation has no approximation: a bias-free conv without BN or ReLU,
+  """Where the scalars' derivation has no approximation: a bias-free conv without BN or ReLU,
   VALID padding (every tap in bounds). Then tr(H_z)/dim = ‖W‖²/(m_in c) = m_z exactly, with
   c = p1 p2 / (q1 q2), and tr(H_W)/dim = s · (mean square of the im2col entries), = m_W = s
   when the input has unit second moment."""

@@ -47,7 +47,8 @@ def test_block_scales_match_hand_computed_values():
   np.testing.assert_allclose(sc["c"]["bias"], (1 / 12) / 16, rtol=1e-6)
   m = optax_bm.local_hessian_scalars(specs["c"]["kernel"], w0)
   np.testing.assert_allclose(m.m_z, 4 / (2 * 4), rtol=1e-6)  # n_out / (m_in c)
-  # The default (SPEC §6 point 3, settled on validation): the same kernels, biases at 1.
+  # The default (docs/method.md#63-bias-and-batchnorm-parameters-factor-1): the same kernels,
+  # biases at 1.
   default = optax_bm.block_scales(specs, params)
   np.testing.assert_allclose(default["c"]["kernel"], sc["c"]["kernel"], rtol=1e-6)
   np.testing.assert_allclose(default["c"]["bias"], 1.0)

@@ -1,8 +1,9 @@
 r"""Local Hessians of back-matching blocks: exact, matrix-free, and the supplement's formulas.
 
-For a block ``F(θ, z)`` on a batch of ``N`` examples (SPEC §5), the local Hessians are the
-Gauss–Newton matrices of the back-matching loss at the current point, normalized like the
-sub-problems of SPEC §2:
+For a block ``F(θ, z)`` on a batch of ``N`` examples
+(docs/method.md#5-local-hessians-measured), the local Hessians are the Gauss–Newton matrices
+of the back-matching loss at the current point, normalized like the sub-problems of
+back-matching (docs/method.md#2-back-matching-propagation):
 
 .. math::
 
@@ -26,8 +27,8 @@ The subpackage has one module per idea; every name is also importable from
   traces (:func:`hutchinson_trace`, :func:`hutchpp_trace`), all in ``jax.lax`` loops so that
   they jit and keep memory at ``O(num_steps · dim)`` (Lanczos with reorthogonalization) or
   ``O(dim)``;
-* :mod:`~optax_bm.hessian.comparison`: the measured mean eigenvalue next to the SPEC §3
-  scalars (:func:`compare_with_scalars`);
+* :mod:`~optax_bm.hessian.comparison`: the measured mean eigenvalue next to the scalar
+  local Hessians of docs/method.md#3-scalar-local-hessians (:func:`compare_with_scalars`);
 * :mod:`~optax_bm.hessian.closed_forms`: the supplement's formulas as checked code:
   back-propagation of the back-matching loss through a dense layer with BatchNorm (eqs. 7–10,
   :func:`bn_dense_backmatching_grads`) and the im2col forms of a convolution and its local

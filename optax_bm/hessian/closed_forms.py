@@ -58,8 +58,9 @@ def bn_dense_backmatching_grads(kernel: jax.Array, z_prev: jax.Array, target: ja
 
   The block is ``z̃ = z_{b-1} W`` (Flax layout ``W: (m_in, n_out)``, batch of ``m`` rows),
   ``z_b = γ (z̃ − E[z̃]) / sqrt(Var[z̃] + ε) + β`` with batch statistics (biased variance, as
-  Flax), and the loss ``ℓ = ½ Σ_n ‖t_n − z_{b,n}‖²`` (the z-sub-problem's sum of SPEC §2; the
-  θ-sub-problem's mean is this divided by ``m``). Written out as in supplement §B, with
+  Flax), and the loss ``ℓ = ½ Σ_n ‖t_n − z_{b,n}‖²`` (the z-sub-problem's sum of
+  docs/method.md#2-back-matching-propagation; the θ-sub-problem's mean is this divided by
+  ``m``). Written out as in supplement §B, with
   ``σ² = Var[z̃] + ε``:
 
   .. math::
@@ -258,7 +259,8 @@ def conv_kernel_hessian(x: jax.Array, window: Sequence[int], n_out: int,
                         block_only: bool = False) -> jax.Array:
   r"""The local Hessian of a convolution's kernel, ``H_W = E_x a_{i2c} a_{i2c}^T`` (eq. 17).
 
-  For the θ-sub-problem ``ℓ = (1/2N) Σ_n ‖t_n − W_{row} a_{i2c}(x_n)‖²`` (SPEC §2, §5), the
+  For the θ-sub-problem ``ℓ = (1/2N) Σ_n ‖t_n − W_{row} a_{i2c}(x_n)‖²``
+  (docs/method.md#5-local-hessians-measured), the
   Hessian with respect to each row of ``W_row`` (one output feature) is the same matrix
 
   .. math::

@@ -1,4 +1,5 @@
-r"""A block's measured mean local-Hessian eigenvalues beside the SPEC §3 scalars.
+r"""A block's measured mean local-Hessian eigenvalues beside its scalar local Hessians
+(docs/method.md#3-scalar-local-hessians).
 
 :func:`compare_with_scalars` estimates ``tr(H_W)/dim W``, ``tr(H_z)/dim z`` and the mean
 eigenvalue of every other parameter's diagonal block matrix-free, and returns them with
@@ -20,7 +21,7 @@ from optax_bm.hessian.local import BlockFn, gauss_newton_operator
 
 
 class ScalarComparison(NamedTuple):
-  """A block's measured local-Hessian mean eigenvalues beside the SPEC §3 scalars.
+  """A block's measured local-Hessian mean eigenvalues beside its scalar local Hessians.
 
   Attributes:
     mean_w: measured ``tr(H_W) / dim(W)``, ``H_W`` the kernel's block of ``H_θ``.
@@ -64,7 +65,7 @@ def compare_with_scalars(fn: BlockFn, params: Any, z: Any, specs: Any, key: jax.
                          num_samples: int = 64, method: str = "hutchinson",
                          exact_other_dim: int = 4096,
                          dtype: Any = None) -> ScalarComparison:
-  r"""Measures a block's mean local-Hessian eigenvalues and puts them beside its SPEC scalars.
+  r"""Measures a block's mean local-Hessian eigenvalues and puts them beside its scalars.
 
   For the block's kernel ``W`` (the leaf whose spec has ``role="kernel"``), its input ``z`` and
   its other parameters, estimates the mean eigenvalues
@@ -99,7 +100,8 @@ def compare_with_scalars(fn: BlockFn, params: Any, z: Any, specs: Any, key: jax.
     >>> cmp.mean_w / cmp.m_w  # 1 if the scalar were exact  # doctest: +SKIP
 
   References:
-    Zhang, Chen & Liu, NeurIPS 2018, supplement §C.1; SPEC §3 and §5.
+    Zhang, Chen & Liu, NeurIPS 2018, supplement §C.1; docs/method.md#3-scalar-local-hessians
+    and docs/method.md#5-local-hessians-measured.
   """
   spec_leaves, leaves, _, paths = specs_lib.flatten_specs_like(specs, params)
   kernels = [i for i, s in enumerate(spec_leaves)

@@ -351,7 +351,7 @@ def hutchpp_trace(matvec: Matvec, dim: int, num_matvecs: int, key: jax.Array, *,
 
 def mean_eigenvalue(matvec: Matvec, dim: int, num_samples: int, key: jax.Array, *,
                     method: str = "hutchinson", dtype: Any = None) -> TraceEstimate:
-  r"""``tr(H) / dim``: the quantity the SPEC §3 scalars approximate.
+  r"""``tr(H) / dim``: the quantity the scalar local Hessians approximate.
 
   Args:
     matvec: ``v -> H v``.

@@ -1,8 +1,9 @@
 r"""Local Hessians of one block: Gauss–Newton products, matrix-free operators, dense matrices.
 
-For a block ``F(θ, z)`` on a batch of ``N`` examples (SPEC §5), the local Hessians are the
-Gauss–Newton matrices of the back-matching loss at the current point, normalized like the
-sub-problems of SPEC §2:
+For a block ``F(θ, z)`` on a batch of ``N`` examples
+(docs/method.md#5-local-hessians-measured), the local Hessians are the Gauss–Newton matrices
+of the back-matching loss at the current point, normalized like the sub-problems of
+back-matching (docs/method.md#2-back-matching-propagation):
 
 .. math::
 
@@ -37,7 +38,8 @@ def gauss_newton_matvec(f: Callable[[Any], Any], point: Any, *,
 
   ``J`` is the Jacobian of ``f`` at ``point`` and ``C`` the curvature of the loss in the output
   space: the identity by default (the Gauss–Newton matrix of ``½‖t − f‖²``, a local Hessian of
-  SPEC §5), or ``curvature(out, u) = C u`` with ``out = f(point)`` (the loss Hessian
+  docs/method.md#5-local-hessians-measured), or ``curvature(out, u) = C u`` with
+  ``out = f(point)`` (the loss Hessian
   ``∇²ℓ(out)`` for the top block of back-matching). ``f`` is linearized once
   (``jax.linearize``); each product is then one pass forward and one backward through the
   *linearized* function (the transpose from ``jax.linear_transpose``), without recomputing
@@ -114,7 +116,9 @@ class GaussNewtonOperator(NamedTuple):
 
 def gauss_newton_operator(fn: BlockFn, params: Any, z: Any,
                           wrt: str = "params") -> GaussNewtonOperator:
-  r"""The local Hessian of a block as a matrix-free operator (SPEC §5).
+  r"""The local Hessian of a block as a matrix-free operator.
+
+  See docs/method.md#5-local-hessians-measured.
 
   The block is linearized once (:func:`gauss_newton_matvec`); every product then costs one
   forward-mode and one reverse-mode pass through the *linearized* block (the transpose comes
@@ -160,7 +164,8 @@ def hvp(fn: BlockFn, params: Any, z: Any, v: Any, wrt: str = "params") -> Any:
 
   Computes ``H v`` with :func:`gauss_newton_matvec` (``u = J v`` through the linearized block,
   then ``J^T u`` through its transpose); ``J`` is never formed. ``H`` is ``J_θ^T J_θ / N``
-  (``wrt="params"``) or ``J_z^T J_z`` (``wrt="input"``), SPEC §5. For many products on the
+  (``wrt="params"``) or ``J_z^T J_z`` (``wrt="input"``; docs/method.md#5-local-hessians-measured).
+  For many products on the
   same point use :func:`gauss_newton_operator`, which linearizes once.
 
   Args:
@@ -198,7 +203,7 @@ def hvp(fn: BlockFn, params: Any, z: Any, v: Any, wrt: str = "params") -> Any:
 
 
 def local_hessian(fn: BlockFn, params: Any, z: Any, wrt: str = "params") -> jax.Array:
-  r"""The dense local Hessian of a small block (SPEC §5).
+  r"""The dense local Hessian of a small block (docs/method.md#5-local-hessians-measured).
 
   .. math::
 
@@ -219,7 +224,7 @@ def local_hessian(fn: BlockFn, params: Any, z: Any, wrt: str = "params") -> jax.
 
   Example:
     >>> H = local_hessian(block, params, z, wrt="params")  # doctest: +SKIP
-    >>> H.trace() / H.shape[0]  # the mean eigenvalue the SPEC §3 scalar approximates  # doctest: +SKIP
+    >>> H.trace() / H.shape[0]  # the mean eigenvalue the scalar m_w approximates  # doctest: +SKIP
 
   References:
     Zhang, Chen & Liu, NeurIPS 2018, §3 and supplement §B–C.
