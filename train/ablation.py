@@ -1,4 +1,5 @@
-"""Does scale-amended SGD beat SGD? The ablation of SPEC §6 on the full CIFAR-10, and the
+"""Does scale-amended SGD beat SGD? The ablation of the paper's open points
+(docs/method.md §6) on the full CIFAR-10, and the
 learning-rate screen on the full CIFAR-100 (``--dataset cifar100``).
 
 Each run is ``train/cifar.py`` in a subprocess with its own work directory (so the grid resumes
@@ -31,7 +32,7 @@ Examples::
 
   python train/ablation.py --phase screen --jobs 2
   python train/ablation.py --phase confirm --finalists sgd@0.1 sa_unscaled@0.03 --jobs 2
-  python train/ablation.py --report-only --readme   # tables -> ablation.md and README.md
+  python train/ablation.py --report-only --readme   # tables -> ablation.md and docs/results.md
   python train/ablation.py --dataset cifar100 --phase screen --jobs 1 --git-commit
 """
 
@@ -57,7 +58,7 @@ WORKDIRS = REPO / "workdirs" / "ablation_cifar10"
 VAL_SPLIT = 5000
 MODEL, WIDTH, BATCH = "vgg11", 0.125, 128
 
-# Readings of SPEC §6 (trainer flags). "sa_unscaled" is the base the single-point variations
+# Readings of the open points, docs/method.md §6 (trainer flags). "sa_unscaled" is the base the single-point variations
 # start from: SPEC v1 with bias/BatchNorm left at plain SGD, the library's default (chosen on
 # this ablation's validation results).
 _SA_BASE = {"pooling": "before", "others": "unscaled", "gamma": "ignored", "decay": "before"}
@@ -303,7 +304,7 @@ def best_lrs(rows, epochs: int) -> dict:
 
 def write_table(rows) -> str:
   lines = [
-      f"# Does scale-amended SGD beat SGD? Ablation on the {TITLE.split(',')[0].lower()}",
+      f"# Does scale-amended SGD beat SGD? Ablation on the {TITLE.split(',')[0].replace('Full', 'full')}",
       "",
       f"{TITLE.split(', ')[1]} width {WIDTH:g}, batch {BATCH}, step decay (x0.1 at 50% and 75%), Nesterov "
       f"momentum 0.9, float32, CPU. Training on 45,000 images; the last {VAL_SPLIT:,} training "
@@ -388,7 +389,8 @@ def _block_table(rows) -> list:
               "Effective angular step = mean over an epoch's steps of ‖ΔW_b‖/‖W_b‖ (kernel), "
               "in epoch 1 and in the last epoch before the first decay (epoch 5); factor = the "
               "mean scale-amended factor A_b/m_{b,W} in epoch 5; ‖W_b‖ and E[γ²] at the end of "
-              "training. Blocks 0–7 are the convolutions, 8 the classifier.", ""]
+              f"training. Blocks 0–{len(hist[0]['blocks']['angular_step']) - 2} are the "
+              f"convolutions, {len(hist[0]['blocks']['angular_step']) - 1} the classifier.", ""]
     e1 = hist[0]["blocks"]
     e5 = hist[min(4, len(hist) - 1)]["blocks"]
     last = hist[-1]["blocks"]
@@ -512,13 +514,22 @@ def report() -> None:
     plot_blocks(rows)
 
 
-README = REPO / "README.md"
-README_MARKERS = ("<!-- ablation-table:start -->", "<!-- ablation-table:end -->")
+README = REPO / "docs" / "results.md"  # where the committed tables are shown
+
+
+def readme_markers() -> tuple:
+  """The markers in ``docs/results.md`` around the current study's tables."""
+  tag = "ablation-table" if DATASET == "cifar10" else f"ablation-table-{DATASET}"
+  return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+README_MARKERS = readme_markers()
 
 
 def update_readme(readme: pathlib.Path = README) -> bool:
-  """Puts ``ablation.md``'s screen and confirmation tables between the README's markers, so
-  that the README's numbers are the committed runs'. Returns whether the README changed."""
+  """Puts ``ablation.md``'s screen and confirmation tables between ``docs/results.md``'s
+  markers for the current study (:func:`readme_markers`), so that the numbers shown are the
+  committed runs'. Returns whether the file changed."""
   import re  # pylint: disable=import-outside-toplevel
   table = (OUT / "ablation.md").read_text()
   start = table.index("## Screen") if "## Screen" in table else None
@@ -526,11 +537,15 @@ def update_readme(readme: pathlib.Path = README) -> bool:
     return False
   end = table.find("## Per block", start)
   body = table[start:end if end >= 0 else len(table)].strip()
-  body = re.sub(r"^## (.*)$", r"**\1 (full CIFAR-10, VGG11-BN width 1/8).**", body,
-                flags=re.M)
+  body = re.sub(r"^## (.*)$", rf"**\1 ({TITLE[0].lower() + TITLE[1:]} width 1/8).**",
+                body, flags=re.M)
+  markers = readme_markers()
   text = readme.read_text()
-  begin, finish = (text.index(m) for m in README_MARKERS)
-  new = (text[:begin + len(README_MARKERS[0])] + "\n" + body + "\n" + text[finish:])
+  if markers[0] not in text or markers[1] not in text:
+    raise SystemExit(f"error: {os.path.relpath(readme)} has no {markers[0]} ... {markers[1]} "
+                     "markers to put the tables between")
+  begin, finish = (text.index(m) for m in markers)
+  new = (text[:begin + len(markers[0])] + "\n" + body + "\n" + text[finish:])
   if new == text:
     return False
   tmp = readme.with_name(f".{readme.name}.tmp")
@@ -561,14 +576,14 @@ def main(argv=None) -> int:
   p.add_argument("--dry-run", action="store_true")
   p.add_argument("--report-only", action="store_true")
   p.add_argument("--readme", action="store_true",
-                 help="with --report-only: also put the tables into README.md (between "
-                      f"{README_MARKERS[0]} and {README_MARKERS[1]})")
+                 help="with --report-only: also put the tables into docs/results.md (between "
+                      "its <!-- ablation-table[-DATASET]:start/end --> markers)")
   args = p.parse_args(argv)
   use_study(args.dataset, args.data_dir)
   if args.report_only:
     report()
     if args.readme:
-      print("README.md updated" if update_readme() else "README.md unchanged")
+      print("docs/results.md updated" if update_readme() else "docs/results.md unchanged")
     return 0
   first_file = "data_batch_1" if DATASET == "cifar10" else "train"
   if not (DATA_DIR / first_file).exists():
