@@ -8,13 +8,13 @@ from optax_bm import hessian
 from optax_bm.annotate import annotate
 from optax_bm.lsalr import lsalr, scale_by_lsalr
 from optax_bm.scaling import LocalHessianScalars, block_scales, local_hessian_scalars
-from optax_bm.specs import LayerSpec, UNSCALED
+from optax_bm.specs import LayerSpec, Residual, UNSCALED
 from optax_bm.transform import ScaleByBackMatchingState, scale_amended_sgd, scale_by_back_matching
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LayerSpec", "UNSCALED", "annotate", "block_scales", "local_hessian_scalars",
+    "LayerSpec", "Residual", "UNSCALED", "annotate", "block_scales", "local_hessian_scalars",
     "LocalHessianScalars", "scale_by_back_matching", "ScaleByBackMatchingState",
     "scale_amended_sgd", "scale_by_lsalr", "lsalr", "backmatching", "hessian",
 ]
