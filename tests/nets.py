@@ -325,3 +325,62 @@ def specs_from_table(params, table):
                      residual=res)
 
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+class LinenConvBN(nn.Module):
+  features: int
+  stride: int = 1
+  kernel: int = 3
+  relu: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
+                use_bias=False, dtype=self.dtype, param_dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.dtype)(x)
+    return nn.relu(x) if self.relu else x
+
+
+class LinenResUnit(nn.Module):
+  features: int
+  stride: int = 1
+  shortcut: str = "identity"
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.main = [LinenConvBN(self.features, self.stride, dtype=self.dtype),
+                 LinenConvBN(self.features, relu=False, dtype=self.dtype)]
+    if self.shortcut == "projection":
+      self.proj = LinenConvBN(self.features, self.stride, kernel=1, relu=False, dtype=self.dtype)
+
+  def __call__(self, x, train: bool = True):
+    f = x
+    for b in self.main:
+      f = b(f, train)
+    if self.shortcut == "projection":
+      s = self.proj(x, train)
+    elif self.shortcut == "subsample":
+      s = subsample(x, self.features)
+    else:
+      s = x
+    return nn.relu(s + f)
+
+
+class LinenResNet(nn.Module):
+  """Linen twin of :func:`residual_net` (ReLU after the sums)."""
+
+  shortcut: str = "subsample"
+  dtype: jnp.dtype = jnp.float32
+  classes: int = 5
+
+  def setup(self):
+    wide = self.shortcut != "identity"
+    self.stem = LinenConvBN(4, dtype=self.dtype)
+    self.u1 = LinenResUnit(4, dtype=self.dtype)
+    self.u2 = LinenResUnit(8 if wide else 4, 2 if wide else 1, self.shortcut, dtype=self.dtype)
+    self.fc = nn.Dense(self.classes, dtype=self.dtype, param_dtype=self.dtype)
+
+  def __call__(self, x, train: bool = True):
+    x = self.u2(self.u1(self.stem(x, train), train), train)
+    return self.fc(x.mean(axis=(1, 2)))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import optax_bm
-from optax_bm import LayerSpec, UNSCALED
+from optax_bm import LayerSpec, Residual, UNSCALED
 from optax_bm.specs import path_str
 from tests import nets
 from train import models
@@ -157,9 +157,90 @@ def test_unplaceable_parameter_is_an_error_naming_it_unless_opted_out():
     optax_bm.annotate(_Unused(), x, unscaled=["nope"])
 
 
-def test_skip_connection_is_not_a_chain():
-  with pytest.raises(ValueError, match=r"not a chain.*'fc/kernel'.*levels \[1, 3\]"):
-    optax_bm.annotate(_Residual(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3)))
+def test_identity_skip_connection_is_a_residual_unit():
+  specs = _by_path(optax_bm.annotate(_Residual(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3))))
+  res = lambda pos: Residual(1, "main", pos, "identity", post_activation=True)  # noqa: E731
+  want = {"a": (0, 64, 1.0, None), "b": (1, 64, 1.0, res(0)), "c": (2, 64, 1.0, res(1)),
+          "fc": (3, 1, 64.0, None)}  # the classifier reads the sum's 8x8 positions via GAP
+  for name, (block, s, c, r) in want.items():
+    for leaf in ("kernel", "bias"):
+      spec = specs[f"{name}/{leaf}"]
+      assert (spec.block, spec.s, spec.c, spec.normalized, spec.residual) == (
+          block, s, c, False, r), (name, leaf, spec)
+
+
+class _TwoBranches(nnx.Module):
+  """h -> a; then F(h) = c(relu(b(h))) joined with h by `join`."""
+
+  def __init__(self, join, rngs, stride=1):
+    self.join = join
+    self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.b = nnx.Conv(4, 4, (3, 3), strides=stride, rngs=rngs)
+    self.c = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.fc = nnx.Linear(8 if join == "concat" else 4, 2, rngs=rngs)
+    self.gain = nnx.Param(jnp.ones((4,)))
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(x))
+    f = self.c(nnx.relu(self.b(h)))
+    if self.join == "concat":
+      y = jnp.concatenate([f, h], axis=-1)
+    elif self.join == "product":
+      y = f * h
+    elif self.join == "avg_pool_shortcut":
+      y = f + nnx.avg_pool(h, (2, 2), strides=(2, 2))
+    elif self.join == "gain_after_sum":
+      y = (f + h) * self.gain
+    else:
+      raise ValueError(self.join)
+    return self.fc(nnx.relu(y).mean(axis=(1, 2)))
+
+
+class _ReadsInsideAUnit(nnx.Module):
+  """A kernel reading the branch's middle: not a chain of units."""
+
+  def __init__(self, rngs):
+    self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.b = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.c = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.d = nnx.Linear(4, 2, rngs=rngs)
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(x))
+    mid = nnx.relu(self.b(h))
+    y = nnx.relu(self.c(mid) + h)
+    return self.fc(y.mean(axis=(1, 2))), self.d(mid.mean(axis=(1, 2)))
+
+
+def test_what_is_not_a_residual_unit_is_refused_by_name():
+  x = jnp.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"a 'concatenate' combines the activations of block "
+                     r"with kernel 'c/kernel' and block with kernel 'a/kernel'.*'a/kernel'"):
+    optax_bm.annotate(_TwoBranches("concat", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"a 'mul' combines the activations of block with "
+                     r"kernel 'c/kernel' and block with kernel 'a/kernel'"):
+    optax_bm.annotate(_TwoBranches("product", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"an 'add' sums .*'c/kernel'.* not a residual unit.*"
+                     r"'reduce_window_sum'"):
+    optax_bm.annotate(_TwoBranches("avg_pool_shortcut", nnx.Rngs(0), stride=2), x)
+  with pytest.raises(ValueError, match=r"'gain'.*acts on the sum of residual unit 0, after "
+                     r"the sum, outside every block.*unscaled=\['gain'\]"):
+    optax_bm.annotate(_TwoBranches("gain_after_sum", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"not a chain of blocks: kernel 'd/kernel'"):
+    optax_bm.annotate(_ReadsInsideAUnit(nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match="pooling='after' is not implemented for residual"):
+    optax_bm.annotate(_Residual(nnx.Rngs(0)), x, pooling="after")
+
+
+@pytest.mark.parametrize("kind", ["identity", "subsample", "projection"])
+@pytest.mark.parametrize("act", [True, False])
+def test_residual_units_equal_hand_computed(kind, act):
+  model = nets.residual_net(kind, act=act)
+  specs = optax_bm.annotate(model, jnp.zeros((2, 8, 8, 3)))
+  want = nets.specs_from_table(nnx.as_pure(nnx.state(model, nnx.Param)),
+                               nets.residual_expected(kind, act))
+  assert jax.tree.leaves(nnx.as_pure(specs)) == jax.tree.leaves(want)
 
 
 def test_not_a_flax_model():

@@ -2,6 +2,7 @@
 equals block-wise back-matching, the input-scale recursion, optax citizenship."""
 
 import functools
+import zlib
 
 import chex
 import jax
@@ -144,6 +145,7 @@ def _randomize_batchnorm(model):
 @pytest.mark.parametrize("input_scale", ["propagated", "unit"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_transform_equals_scalar_back_matching_nnx(x64, kind, input_scale):
+  """annotate + the transformation = block-wise back-matching over units (f64, 1e-10)."""
   model = nets.residual_net(kind, dtype=jnp.float64)
   _randomize_batchnorm(model)
   table = nets.residual_expected(kind)
@@ -152,7 +154,9 @@ def test_transform_equals_scalar_back_matching_nnx(x64, kind, input_scale):
   fns, params, block_specs = _reference_units(model, table)
   res = backmatching.back_matching_step(fns, params, x, loss, ETA, solver="scalar",
                                         specs=block_specs, input_scale=input_scale)
-  specs = nets.specs_from_table(nnx.as_pure(nnx.state(model, nnx.Param)), table)
+  specs = optax_bm.annotate(model, x)
+  by_hand = nets.specs_from_table(nnx.as_pure(nnx.state(model, nnx.Param)), table)
+  assert jax.tree.leaves(nnx.as_pure(specs)) == jax.tree.leaves(by_hand)
   updates, grads = _transform_updates(model, specs, x, loss, input_scale=input_scale)
   _compare(updates, res, params, fns)
   assert _rel_err(updates, grads) > 1e-2  # not vacuous
@@ -160,6 +164,81 @@ def test_transform_equals_scalar_back_matching_nnx(x64, kind, input_scale):
   other, _ = _transform_updates(model, specs, x, loss,
                                 input_scale={"unit": "propagated"}.get(input_scale, "unit"))
   assert _rel_err(other, updates) > 1e-3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transform_equals_scalar_back_matching_linen(x64, kind):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  model = nets.LinenResNet(kind, dtype=jnp.float64)
+  x, y = _data()
+  loss = nets.cross_entropy(y, 5)
+  variables = model.init(jax.random.key(1), x, train=True)
+  # γ and β away from 1 and 0 (the propagated input scale reads them).
+  def perturb(path, v):
+    name = optax_bm.specs.path_str(path)
+    k = jax.random.key(zlib.crc32(name.encode()))
+    if name.endswith("BatchNorm_0/scale"):
+      return jax.random.uniform(k, v.shape, v.dtype, 0.3, 1.6)
+    if name.endswith("BatchNorm_0/bias"):
+      return 0.3 * jax.random.normal(k, v.shape, v.dtype)
+    return v
+  variables = {**variables,
+               "params": jax.tree_util.tree_map_with_path(perturb, variables["params"])}
+  P, S = variables["params"], variables["batch_stats"]
+
+  def block(mod, *where):
+    p, st = P, S
+    for w in where:
+      p, st = p[w], st[w]
+    fn = lambda q, z, st=st: mod.apply({"params": q, "batch_stats": st}, z, True,  # noqa: E731
+                                       mutable=["batch_stats"])[0]
+    return fn, p
+
+  wide = kind != "identity"
+  cout, stride = (8, 2) if wide else (4, 1)
+  stem = block(nets.LinenConvBN(4, dtype=jnp.float64), "stem")
+  u1 = [block(nets.LinenConvBN(4, dtype=jnp.float64), "u1", "main_0"),
+        block(nets.LinenConvBN(4, relu=False, dtype=jnp.float64), "u1", "main_1")]
+  u2 = [block(nets.LinenConvBN(cout, stride, dtype=jnp.float64), "u2", "main_0"),
+        block(nets.LinenConvBN(cout, relu=False, dtype=jnp.float64), "u2", "main_1")]
+  proj = ([block(nets.LinenConvBN(cout, stride, kernel=1, relu=False, dtype=jnp.float64), "u2",
+                 "proj")] if kind == "projection" else [])
+  head = (lambda q, z: nn.Dense(5, dtype=jnp.float64, param_dtype=jnp.float64).apply(
+      {"params": q}, z.mean(axis=(1, 2))), P["fc"])
+  shortcut = {"projection": [f for f, _ in proj], "identity": "identity"}.get(
+      kind, functools.partial(nets.subsample, cout=cout))
+  fns = [stem[0], backmatching.ResidualUnit([f for f, _ in u1], "identity", jax.nn.relu),
+         backmatching.ResidualUnit([f for f, _ in u2], shortcut, jax.nn.relu), head[0]]
+  params = [stem[1], {"main": [p for _, p in u1], "shortcut": []},
+            {"main": [p for _, p in u2], "shortcut": [p for _, p in proj]}, head[1]]
+  specs = optax_bm.annotate(model, variables, x, train=True)
+  # The reference's per-block specs: annotate's, cut along the same module boundaries.
+  block_specs = [specs["stem"], {"main": [specs["u1"]["main_0"], specs["u1"]["main_1"]],
+                                 "shortcut": []},
+                 {"main": [specs["u2"]["main_0"], specs["u2"]["main_1"]],
+                  "shortcut": [specs["u2"]["proj"]] if proj else []}, specs["fc"]]
+  table = nets.residual_expected(kind)
+  for name, row in (("stem", "units/0"), ("u1/main_0", "units/1/main/0"),
+                    ("u2/main_1", "units/2/main/1"), ("fc", "units/3")):
+    got = [s for s in jax.tree.leaves(specs, is_leaf=optax_bm.specs.is_spec_leaf)
+           if s.is_kernel and s.block == table[row][0]][0]
+    assert (got.block, got.kind, got.s, got.c, got.normalized, got.residual) == table[row], name
+  res = backmatching.back_matching_step(fns, params, x, loss, ETA, solver="scalar",
+                                        specs=block_specs)
+  grads = jax.grad(lambda p: loss(model.apply({**variables, "params": p}, x, train=True,
+                                              mutable=["batch_stats"])[0]))(P)
+  tx = optax_bm.scale_by_back_matching(specs)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(P), P)
+  want = [_direction(p, q) for p, q in zip(params, res.params)]
+  assert _rel_err(updates["stem"], want[0]) < 1e-10
+  assert _rel_err(updates["fc"], want[3]) < 1e-10
+  for u, name in ((1, "u1"), (2, "u2")):
+    for j in range(2):
+      assert _rel_err(updates[name][f"main_{j}"], want[u]["main"][j]) < 1e-10, (name, j)
+  if proj:
+    assert _rel_err(updates["u2"]["proj"], want[2]["shortcut"][0]) < 1e-10
+  assert _rel_err(updates, grads) > 1e-2
 
 
 @pytest.mark.parametrize("scale_others,gamma_aware", [(True, False), (False, True)])
