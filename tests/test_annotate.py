@@ -308,3 +308,58 @@ def test_block_input_is_counted_before_explicit_padding():
   assert _block_table(want) == [("conv", 64, 4.0, False), ("conv", 16, 1.0, False),
                                 ("dense", 1, 1.0, False)]
   assert got == want
+
+
+def _resnet_by_hand(n, option="A"):
+  """{block: (kind, s, c, normalized, Residual)} of a CIFAR ResNet (32x32 input), walked by
+  hand: stem, 3 stages x n basic blocks (stages 2, 3 start with stride 2), GAP, dense."""
+  rows = [("conv", 1024, 1.0, True, None)]  # the stem: unit 0
+  hw, u = 32, 1
+  for stage in range(3):
+    for j in range(n):
+      down = stage > 0 and j == 0
+      out = hw // 2 if down else hw
+      kind = ("subsample" if option == "A" else "projection") if down else "identity"
+      res = lambda br, pos, kind=kind, down=down, u=u: Residual(  # noqa: E731
+          u, br, pos, kind, 4.0 if down and option == "A" else 1.0, True)
+      rows.append(("conv", out * out, 4.0 if down else 1.0, True, res("main", 0)))
+      rows.append(("conv", out * out, 1.0, True, res("main", 1)))
+      if kind == "projection":  # 1x1 stride 2: 1024 -> 256 positions, c = 4
+        rows.append(("conv", out * out, 4.0, True, res("shortcut", 0)))
+      hw, u = out, u + 1
+  rows.append(("dense", 1, 64.0, False, None))  # reads the last sum (8x8) through the GAP
+  return dict(enumerate(rows))
+
+
+@pytest.mark.parametrize("name,n,option", [("resnet20", 3, "A"), ("resnet56", 9, "A"),
+                                           ("resnet20b", 3, "B")])
+def test_resnet_specs_equal_hand_computed(name, n, option):
+  model = models.create(name, num_classes=10, width=1 / 8, rngs=nnx.Rngs(0))
+  specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  want = _resnet_by_hand(n, option)
+  by_path = _by_path(specs)
+  kernels = {s.block: (s.kind, s.s, s.c, s.normalized, s.residual)
+             for s in by_path.values() if s.is_kernel}
+  assert kernels == want
+  assert len(want) == 6 * n + 2 + (2 if option == "B" else 0)
+  # Every leaf sits in the block of its module: stem, units/u/{main,shortcut}/j, classifier.
+  block_of_module, b = {"stem": 0}, 1
+  for u in range(3 * n):
+    for j in range(2):
+      block_of_module[f"units/{u}/main/{j}"] = b
+      b += 1
+    if option == "B" and u in (n, 2 * n):
+      block_of_module[f"units/{u}/shortcut/0"] = b
+      b += 1
+  block_of_module["classifier"] = b
+  for path, s in by_path.items():
+    module = max((m for m in block_of_module if path.startswith(m + "/")), key=len)
+    assert s.block == block_of_module[module], path
+    assert (s.kind, s.s, s.c, s.normalized, s.residual) == want[s.block], path
+    assert s.is_kernel == path.endswith("kernel"), path
+  assert jax.tree.structure(specs) == jax.tree.structure(nnx.state(model, nnx.Param))
+  # The transformation runs on them (a step of scale-amended SGD under jit).
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = optax_bm.scale_amended_sgd(0.1, specs)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(updates))
