@@ -18,6 +18,18 @@ the data flow from the parameters and the input:
   e.g. ``jnp.pad`` in constant mode, then a VALID convolution): SPEC §3 counts the positions
   of ``z_{b-1}``, not of the padded operand.
 
+**Residual networks.** An ``add`` of the activations of two different blocks is the sum of a
+residual unit ``z_u = σ(S(z_{u-1}) + F(z_{u-1}))`` if one operand is a chain of blocks ``F``
+starting at ``z_{u-1}`` and the other is ``z_{u-1}`` itself (identity), ``z_{u-1}`` up to a
+strided slice of the spatial axes and zero-padded channels (option A of He et al. 2016:
+``jnp.pad(x[:, ::2, ::2, :], ...)``; ``c`` = input positions per kept position), or a second
+chain of blocks starting at ``z_{u-1}`` (option B; the branch with more blocks is the main
+one). A pointwise nonlinearity between the sum and the next unit's kernels is ``σ``. The
+units must form a chain (each reads the previous unit's output); a block reading a sum counts
+its input positions there, so a global average pool between the last sum and the classifier
+is the classifier's ``c``. Any other operation combining the activations of two blocks (a
+concatenation, a product of branches) is refused, naming the primitive and the parameters.
+
 Written by hand because no library does it: Flax's ``nn.intercept_methods`` exists for Linen
 only, and a jaxpr sees through whatever module structure the user wrote.
 """
@@ -550,7 +562,10 @@ def annotate(model: Any, *sample_args: Any,
   Runs the model abstractly on the sample inputs (``jax.make_jaxpr``: shapes only, no
   FLOPs), finds the kernel layers (convolutions and dense layers) and their order along the
   chain, each block's ``s``, ``c`` and whether a BatchNorm sits in it, and places every bias
-  and BatchNorm parameter in its block (see the module docstring for the rules).
+  and BatchNorm parameter in its block (see the module docstring for the rules). Residual
+  units (identity, option-A subsampling or option-B projection shortcuts, an activation
+  after the sum) are recognized; their blocks carry an :class:`optax_bm.Residual` (unit,
+  branch, position, shortcut kind) and are numbered unit by unit, main branch first.
 
   Args:
     model: a Flax NNX module (``nnx.Module``), or a Linen module, in which case the first
@@ -584,7 +599,10 @@ def annotate(model: Any, *sample_args: Any,
 
   Raises:
     ValueError: naming the parameter path, when a parameter cannot be placed, the model is
-      not a chain of blocks, or a kernel does not use Flax's layout.
+      not a chain of blocks and residual units (a concatenation, a product of branches, a
+      sum that is not a shortcut plus a branch: the error names the primitive), or a kernel
+      does not use Flax's layout. ``pooling`` other than ``"before"`` is not implemented for
+      residual networks yet.
 
   Example:
     >>> model = train.models.vgg("vgg11", num_classes=10, rngs=nnx.Rngs(0))  # doctest: +SKIP

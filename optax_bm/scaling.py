@@ -339,6 +339,51 @@ def _unit_m_z(unit, m_z):
   return prod(unit.main) + (prod(unit.shortcut) if shortcut is None else shortcut)
 
 
+def _block_and_input_scalars(plan, units, lowest, lowest_block, param_leaves, paths,
+                             gamma_aware, input_scale):
+  """Scalars of every block of units ``lowest..``, their ``m_z`` with the input scale, and
+  ``{unit: v}`` for the units whose normalized readers divide ``m_z`` by ``v``."""
+  scalars = {}
+  for unit in units[lowest:]:
+    for b in unit.blocks:
+      k = plan.kernel_index[b]
+      if isinstance(param_leaves[k], optax.MaskedNode):
+        raise ValueError(
+            f"optax_bm: the kernel {paths[k]!r} of block {b} is masked out, but parameters of "
+            f"block {lowest_block} need its scalar local Hessian; mask whole chains from the "
+            "top, or use optax_bm.UNSCALED in the spec tree instead.")
+      gamma2 = None
+      if gamma_aware and b in plan.scale_index:
+        g = param_leaves[plan.scale_index[b]]
+        if isinstance(g, optax.MaskedNode):
+          raise ValueError(
+              f"optax_bm: gamma_aware scalars of block {b} need its BatchNorm scale "
+              f"{paths[plan.scale_index[b]]!r}, which is masked out.")
+        g = g.astype(_compute_dtype(g.dtype))
+        gamma2 = jax.lax.stop_gradient(jnp.mean(jnp.square(g)))
+      scalars[b] = local_hessian_scalars(plan.kernel_spec[b], param_leaves[k], paths[k], gamma2)
+  m_z = {b: sc.m_z for b, sc in scalars.items()}
+  v_in = {}
+
+  if input_scale == "propagated" and any(u.residual for u in units):
+    # A normalized block reading the input or the output of a residual unit: m_z / v.
+    dtype = jnp.result_type(*[m_z[b] for b in m_z])
+    moments = _Moments(units, plan, param_leaves, paths, dtype)
+    for unit in units[lowest:]:
+      if not (unit.residual or (unit.index > 0 and units[unit.index - 1].residual)):
+        continue
+      readers = [bs[0] for bs in (unit.main, unit.shortcut)
+                 if bs and plan.kernel_spec[bs[0]].normalized]
+      if readers:
+        v = moments.output(unit.index - 1)[1]
+        v = jnp.where(jnp.isfinite(v) & (v > 0), v, jnp.ones_like(v))
+        v_in[unit.index] = v
+        for b in readers:
+          m_z[b] = m_z[b] / v
+
+  return scalars, m_z, v_in
+
+
 def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = False,
                  gamma_aware: bool = False, input_scale: str = "propagated") -> list:
   """The factor of every leaf (``None`` for UNSCALED or masked leaves).
@@ -363,41 +408,8 @@ def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = False
   lowest = min(unit_of[s.block] for s, ok in zip(spec_leaves, live) if ok)
   lowest_block = min(s.block for s, ok in zip(spec_leaves, live) if ok)
 
-  scalars = {}
-  for unit in units[lowest:]:
-    for b in unit.blocks:
-      k = plan.kernel_index[b]
-      if isinstance(param_leaves[k], optax.MaskedNode):
-        raise ValueError(
-            f"optax_bm: the kernel {paths[k]!r} of block {b} is masked out, but parameters of "
-            f"block {lowest_block} need its scalar local Hessian; mask whole chains from the "
-            "top, or use optax_bm.UNSCALED in the spec tree instead.")
-      gamma2 = None
-      if gamma_aware and b in plan.scale_index:
-        g = param_leaves[plan.scale_index[b]]
-        if isinstance(g, optax.MaskedNode):
-          raise ValueError(
-              f"optax_bm: gamma_aware scalars of block {b} need its BatchNorm scale "
-              f"{paths[plan.scale_index[b]]!r}, which is masked out.")
-        g = g.astype(_compute_dtype(g.dtype))
-        gamma2 = jax.lax.stop_gradient(jnp.mean(jnp.square(g)))
-      scalars[b] = local_hessian_scalars(plan.kernel_spec[b], param_leaves[k], paths[k], gamma2)
-  m_z = {b: sc.m_z for b, sc in scalars.items()}
-
-  if input_scale == "propagated" and any(u.residual for u in units):
-    # A normalized block reading the input or the output of a residual unit: m_z / v.
-    dtype = jnp.result_type(*[m_z[b] for b in m_z])
-    moments = _Moments(units, plan, param_leaves, paths, dtype)
-    for unit in units[lowest:]:
-      if not (unit.residual or (unit.index > 0 and units[unit.index - 1].residual)):
-        continue
-      readers = [bs[0] for bs in (unit.main, unit.shortcut)
-                 if bs and plan.kernel_spec[bs[0]].normalized]
-      if readers:
-        v = moments.output(unit.index - 1)[1]
-        v = jnp.where(jnp.isfinite(v) & (v > 0), v, jnp.ones_like(v))
-        for b in readers:
-          m_z[b] = m_z[b] / v
+  scalars, m_z, _ = _block_and_input_scalars(plan, units, lowest, lowest_block, param_leaves,
+                                             paths, gamma_aware, input_scale)
 
   # Π_{v>u} 1/m_{v,z} over units, from the top down, and Π_{j after b} 1/m_{j,z} in a branch.
   after = {}
@@ -422,6 +434,41 @@ def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = False
     a = after[s.block]
     out.append(1.0 / m if a is None else a / m)
   return out
+
+
+class UnitScalars(NamedTuple):
+  """The scalars of one unit (see :func:`unit_scalars`)."""
+
+  blocks: tuple  # the unit's blocks (main branch, then shortcut)
+  residual: bool  # a residual unit (False: a plain block)
+  m_z: jax.Array  # m_{u,z}: m_z(S) + m_z(F) for a residual unit, the block's m_z otherwise
+  v_in: Optional[jax.Array]  # the input second moment its normalized readers divide by
+
+
+def unit_scalars(specs: specs_lib.SpecsOrFn, params: Any, *, gamma_aware: bool = False,
+                 input_scale: str = "propagated") -> list:
+  """Per unit, its input scalar ``m_{u,z}`` and input scale ``v`` (for logging and study).
+
+  Args:
+    specs: a spec tree (or callable on ``params``), as for :func:`block_scales`.
+    params: the current parameters.
+    gamma_aware: as for :func:`block_scales`.
+    input_scale: ``"propagated"`` or ``"unit"`` (see :func:`block_scales`).
+
+  Returns:
+    A list of :class:`UnitScalars`, unit 0 (nearest the input) first.
+  """
+  if input_scale not in INPUT_SCALES:
+    raise ValueError(f"optax_bm: input_scale={input_scale!r}; choose from "
+                     f"{', '.join(map(repr, INPUT_SCALES))}.")
+  spec_tree = specs_lib.resolve(specs, params)
+  spec_leaves, param_leaves, _, paths = specs_lib.flatten_specs_like(spec_tree, params)
+  plan = plan_blocks(spec_leaves, paths)
+  units = plan_units(plan, paths)
+  _, m_z, v_in = _block_and_input_scalars(plan, units, 0, 0, param_leaves, paths, gamma_aware,
+                                          input_scale)
+  return [UnitScalars(u.blocks, u.residual, _unit_m_z(u, m_z), v_in.get(u.index))
+          for u in units]
 
 
 def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool = False,
@@ -479,14 +526,19 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
     and ``γ_{S,c}² + γ_c²``), averaged over channels. A branch without a BatchNorm at its end
     whose output a normalized block reads is an error (its scale is unknown).
 
-  Why ``"propagated"`` is the default: on ResNet-20 (option A, 16-32-64 channels, BatchNorm
-  at ``γ = 1, β = 0``) with 128 real CIFAR-10 images at initialization, the measured mean
-  eigenvalue of each unit's input Hessian ``tr(J_zᵀJ_z)/d`` falls with the unit input's
-  second moment (3.80, 1.70, 1.49, 1.29 for units 0, 2, 5, 8 of identity shortcuts, with
-  ``v_in`` 0.50, 1.88, 2.61, 3.04); ``"unit"`` predicts 2.00 for all of them, ``1/v`` scaling
-  predicts 2.99, 1.53, 1.38, 1.33 (and 0.44 for the option-A unit measured at 0.50, ``"unit"``:
-  0.75); see ``train/results/local_hessian/resnet.md``. Validation accuracy has not decided
-  between them yet.
+  Why ``"propagated"`` is the default: measured at initialization on ResNet-20 (option A,
+  width 1, BatchNorm at ``γ = 1, β = 0``, 128 real CIFAR-10 training images;
+  ``train/local_hessian_resnet.py``, table in ``train/results/local_hessian/resnet.md``), the
+  mean eigenvalue ``tr(J_zᵀ J_z)/d`` of each unit's input Hessian falls as the unit input's
+  second moment grows (identity units: 4.02 at ``v = 0.50`` down to 1.28 at ``v = 3.13``),
+  which ``"unit"`` (2 for every identity unit) misses. Measured over predicted, over the nine
+  units: 1.09 (geometric mean; spread of the log ratio ±0.11) for ``"propagated"``, 0.84
+  (±0.36) for ``"unit"``; the recursion's ``v`` is 0.89-0.99 of the measured one. The sum
+  adds (without the activation, unit = branch + shortcut within 3.3 %: the cross term is
+  negligible at initialization) and the shortcut scalars are exact; the ReLU after the sum
+  multiplies the measured value by 0.63-0.74, which neither reading models (``"propagated"``
+  is 1.57× low without it, as a chain's scalars are for blocks reading a ReLU output, and the
+  two roughly cancel). Validation accuracy has not yet decided between the readings.
 
   Args:
     specs: a spec tree with the structure of ``params`` (as made by :func:`optax_bm.annotate`),

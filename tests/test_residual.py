@@ -498,3 +498,30 @@ def test_residual_specs_with_inject_hyperparams_dtypes_and_abstract_init():
         if jnp.issubdtype(l.dtype, jnp.floating):
           assert l.dtype == dtype, (l.dtype, dtype)
       assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(u))
+
+
+# --- unit_scalars and the measurement script -----------------------------------------------
+
+
+def test_unit_scalars_and_local_hessian_script_on_a_tiny_resnet():
+  """The shortcut's local Hessian is exact (1 and 1/4, even by Hutchinson: J_SᵀJ_S is a 0/1
+  diagonal); the recursion predicts the stem's second moment 1/2 at γ = 1, β = 0."""
+  from train import local_hessian_resnet as lhr  # pylint: disable=import-outside-toplevel
+
+  images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  result = lhr.measure("resnet20", 1 / 16, images, probes=2, seed=0, max_units=4)
+  rows = result["rows"]
+  assert [r["shortcut"] for r in rows] == ["identity"] * 3 + ["subsample"]
+  for r in rows:
+    np.testing.assert_allclose(r["shortcut_only"], 1.0 if r["shortcut"] == "identity" else 0.25,
+                               rtol=1e-6)
+    assert r["m_uz_unit"] == pytest.approx(2.0 if r["shortcut"] == "identity" else 0.75)
+  np.testing.assert_allclose(rows[0]["v_in_propagated"], 0.5, rtol=1e-6)
+  assert rows[0]["m_uz_propagated"] == pytest.approx(1 / 0.5 + 1)
+  assert "| unit | shortcut |" in lhr.markdown(result)
+  model = nets.residual_net("projection")
+  specs = optax_bm.annotate(model, jnp.zeros((2, 8, 8, 3)))
+  units = optax_bm.unit_scalars(specs, nnx.as_pure(nnx.state(model, nnx.Param)))
+  assert [(u.blocks, u.residual) for u in units] == [
+      ((0,), False), ((1, 2), True), ((3, 4, 5), True), ((6,), False)]
+  assert units[0].v_in is None and units[3].v_in is None  # no normalized reader of a sum
