@@ -237,10 +237,10 @@ class _Tracer:
                 dict(eqn.params))
         base, moves = act.base, act.moves + (move,)
     trail = (act.trail + (name,))[-6:]
+    activated = act.activated or (act.unit_shape is not None and name in _NONLINEAR)
     return [_Info(param, params, levels, unpadded,
                   self.new_base() if base is None else base, moves, trail, act.unit_shape,
-                  act.activated or (act.unit_shape is not None and name in _NONLINEAR))
-            for _ in eqn.outvars]
+                  activated) for _ in eqn.outvars]
 
   def _join(self, eqn, ins, params):
     j = len(self.joins)
@@ -431,7 +431,7 @@ def _chain_back(tracer, level) -> list:
   return out
 
 
-def _subsampling(tracer, j, info, shape) -> float:
+def _subsampling(j, info) -> float:
   """The contraction ``c`` of a parameter-free shortcut: strided slices of the spatial axes
   and zero-padding of the channels (option A), or a refusal naming the operation."""
   c = 1.0
@@ -462,13 +462,13 @@ def _classify_join(tracer, j) -> dict:
   levels = [next(iter(o.levels)) for o in op.operands]
   # A parameter-free shortcut: one operand is (up to moves) the input a branch reads.
   for si in (0, 1):
-    shortcut, branch = op.operands[si], op.operands[1 - si]
+    shortcut = op.operands[si]
     chain = _chain_back(tracer, levels[1 - si])
     for depth, k in enumerate(chain):
       if tracer.kernels[k].in_base == shortcut.base:
         main = chain[:depth + 1][::-1]
         kind = SUBSAMPLE if shortcut.moves else IDENTITY
-        c = _subsampling(tracer, j, shortcut, op.shapes[si]) if shortcut.moves else 1.0
+        c = _subsampling(j, shortcut) if shortcut.moves else 1.0
         return dict(main=main, shortcut=[], kind=kind, c=c,
                     in_level=next(iter(tracer.kernels[main[0]].in_levels)))
   # A projection: both operands are branches reading the same input.
