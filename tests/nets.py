@@ -231,9 +231,10 @@ class ResUnit(nnx.Module):
   """Post-activation basic block: conv-BN-ReLU-conv-BN + shortcut [-> ReLU]."""
 
   def __init__(self, cin, cout, *, rngs, stride=1, shortcut="identity", act=True,
-               dtype=jnp.float32):
-    self.main = nnx.List([ConvBN(cin, cout, stride=stride, rngs=rngs, dtype=dtype),
-                          ConvBN(cout, cout, relu=False, rngs=rngs, dtype=dtype)])
+               dtype=jnp.float32, depth=2):
+    self.main = nnx.List([ConvBN(cin, cout, stride=stride, rngs=rngs, dtype=dtype)]
+                         + [ConvBN(cout, cout, rngs=rngs, dtype=dtype) for _ in range(depth - 2)]
+                         + [ConvBN(cout, cout, relu=False, rngs=rngs, dtype=dtype)])
     self.shortcut = nnx.List(
         [ConvBN(cin, cout, stride=stride, kernel=1, relu=False, rngs=rngs, dtype=dtype)]
         if shortcut == "projection" else [])
@@ -274,21 +275,24 @@ class ResNetLike(nnx.Module):
     return x
 
 
-def residual_net(shortcut="subsample", act=True, dtype=jnp.float32, seed=3, classes=5):
+def residual_net(shortcut="subsample", act=True, dtype=jnp.float32, seed=3, classes=5,
+                 depth=2):
   """stem conv-BN-ReLU (3->4), an identity unit (4->4), a unit with the given shortcut
-  (4->8 stride 2; 4->4 stride 1 for "identity"), GAP, dense."""
+  (4->8 stride 2; 4->4 stride 1 for "identity") whose branch has ``depth`` blocks, GAP,
+  dense."""
   r = nnx.Rngs(seed)
   wide = shortcut != "identity"
   cout, stride = (8, 2) if wide else (4, 1)
   return ResNetLike([
       ConvBN(3, 4, rngs=r, dtype=dtype),
       ResUnit(4, 4, rngs=r, act=act, dtype=dtype),
-      ResUnit(4, cout, stride=stride, shortcut=shortcut, rngs=r, act=act, dtype=dtype),
+      ResUnit(4, cout, stride=stride, shortcut=shortcut, rngs=r, act=act, dtype=dtype,
+              depth=depth),
       Head(cout, classes, rngs=r, dtype=dtype),
   ])
 
 
-def residual_expected(shortcut="subsample", act=True, hw=8):
+def residual_expected(shortcut="subsample", act=True, hw=8, depth=2):
   """Hand-computed {module path: (block, kind, s, c, normalized, Residual)} of residual_net."""
   from optax_bm import Residual  # pylint: disable=import-outside-toplevel
 
@@ -303,10 +307,11 @@ def residual_expected(shortcut="subsample", act=True, hw=8):
       "units/1/main/0": (1, "conv", hw * hw, 1.0, True, r1("main", 0)),
       "units/1/main/1": (2, "conv", hw * hw, 1.0, True, r1("main", 1)),
       "units/2/main/0": (3, "conv", s2, c2, True, r2("main", 0)),
-      "units/2/main/1": (4, "conv", s2, 1.0, True, r2("main", 1)),
   }
+  for j in range(1, depth):
+    out[f"units/2/main/{j}"] = (3 + j, "conv", s2, 1.0, True, r2("main", j))
   if shortcut == "projection":
-    out["units/2/shortcut/0"] = (5, "conv", s2, c2, True, r2("shortcut", 0))
+    out["units/2/shortcut/0"] = (3 + depth, "conv", s2, c2, True, r2("shortcut", 0))
   # The classifier reads the last unit's output through a global average pool.
   out["units/3"] = (len(out), "dense", 1, float(s2), False, None)
   return out

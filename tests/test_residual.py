@@ -244,9 +244,11 @@ def test_transform_equals_scalar_back_matching_linen(x64, kind):
 @pytest.mark.parametrize("scale_others,gamma_aware", [(True, False), (False, True)])
 def test_other_readings_equal_scalar_back_matching_through_a_sum(x64, scale_others,
                                                                  gamma_aware):
-  model = nets.residual_net("projection", act=False, dtype=jnp.float64)
+  """Also: no activation after the sums, a three-block branch (a bottleneck's shape) beside
+  a projection; the annotation of that net is checked against the hand-made table too."""
+  model = nets.residual_net("projection", act=False, dtype=jnp.float64, depth=3)
   _randomize_batchnorm(model)
-  table = nets.residual_expected("projection", act=False)
+  table = nets.residual_expected("projection", act=False, depth=3)
   x, y = _data()
   loss = nets.cross_entropy(y, 5)
   fns, params, block_specs = _reference_units(model, table)
@@ -254,6 +256,7 @@ def test_other_readings_equal_scalar_back_matching_through_a_sum(x64, scale_othe
   res = backmatching.back_matching_step(fns, params, x, loss, ETA, solver="scalar",
                                         specs=block_specs, **kw)
   specs = nets.specs_from_table(nnx.as_pure(nnx.state(model, nnx.Param)), table)
+  assert jax.tree.leaves(nnx.as_pure(optax_bm.annotate(model, x))) == jax.tree.leaves(specs)
   updates, _ = _transform_updates(model, specs, x, loss, **kw)
   _compare(updates, res, params, fns)
 
