@@ -311,9 +311,10 @@ def _unit_input_moments(blocks, params, specs, input_scale) -> dict:
   if len(units) != len(blocks):
     raise ValueError(f"back_matching_step: the specs describe {len(units)} units, the blocks "
                      f"{len(blocks)}.")
-  dtype = scaling._compute_dtype(  # pylint: disable=protected-access
-      jnp.result_type(*[p.dtype for p in param_leaves]))
-  moments = scaling._Moments(units, plan, param_leaves, paths, dtype)  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  dtype = scaling._compute_dtype(jnp.result_type(*[p.dtype for p in param_leaves]))
+  moments = scaling._Moments(units, plan, param_leaves, paths, dtype)
+  # pylint: enable=protected-access
   out = {}
   for u, unit in enumerate(units):
     if unit.residual or (u > 0 and units[u - 1].residual):

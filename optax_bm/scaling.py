@@ -545,7 +545,8 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
       or a callable returning one from ``params``.
     params: the current parameters.
     scale_others: scale bias and BatchNorm leaves by ``f`` with ``m_{b,a}`` too (SPEC v1);
-      the default ``False`` leaves them at factor 1 (see :func:`optax_bm.scale_by_back_matching`).
+      the default ``False`` leaves them at factor 1
+      (see :func:`optax_bm.scale_by_back_matching`).
     gamma_aware: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks by ``E[γ²]``.
     input_scale: ``"propagated"`` or ``"unit"``, the second moment ``v`` of a residual
       unit's input (above); no effect on chains.
