@@ -20,6 +20,18 @@ the data flow from the parameters and the input:
   e.g. ``jnp.pad`` in constant mode, then a VALID convolution): ``c`` counts the positions of
   ``z_{b-1}``, not of the padded operand (docs/method.md#3-scalar-local-hessians).
 
+**Residual networks.** An ``add`` of the activations of two different blocks is the sum of a
+residual unit ``z_u = σ(S(z_{u-1}) + F(z_{u-1}))`` if one operand is a chain of blocks ``F``
+starting at ``z_{u-1}`` and the other is ``z_{u-1}`` itself (identity), ``z_{u-1}`` up to a
+strided slice of the spatial axes and zero-padded channels (option A of He et al. 2016:
+``jnp.pad(x[:, ::2, ::2, :], ...)``; ``c`` = input positions per kept position), or a second
+chain of blocks starting at ``z_{u-1}`` (option B; the branch with more blocks is the main
+one). A pointwise nonlinearity between the sum and the next unit's kernels is ``σ``. The
+units must form a chain (each reads the previous unit's output); a block reading a sum counts
+its input positions there, so a global average pool between the last sum and the classifier
+is the classifier's ``c``. Any other operation combining the activations of two blocks (a
+concatenation, a product of branches) is refused, naming the primitive and the parameters.
+
 Written by hand because no library does it: Flax's ``nn.intercept_methods`` exists for Linen
 only, and a jaxpr sees through whatever module structure the user wrote.
 """
@@ -34,7 +46,8 @@ from jax.extend import core as jex_core
 import numpy as np
 
 from optax_bm import specs as specs_lib
-from optax_bm.specs import CONV, DENSE, KERNEL, OTHER, UNSCALED, LayerSpec
+from optax_bm.specs import (CONV, DENSE, IDENTITY, KERNEL, MAIN, OTHER, PROJECTION,
+                            SHORTCUT, SUBSAMPLE, UNSCALED, LayerSpec, Residual)
 
 # Ops that keep a parameter "itself" (the kernel operand of a kernel op may pass through them).
 _PASSTHROUGH = frozenset({
@@ -55,6 +68,15 @@ _KERNEL_PRIMITIVES = frozenset({"conv_general_dilated", "dot_general"})
 # even when the key was passed with the sample inputs (Linen's ``rngs={"dropout": key}``).
 _RANDOM = frozenset({"random_seed", "random_wrap", "random_unwrap", "random_bits",
                      "random_split", "random_fold_in", "random_clone", "threefry2x32"})
+# One-operand ops after which an activation is still "the same value" (for shortcuts).
+_SAME_VALUE = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
+                         "sharding_constraint"})
+# The sum of a residual unit.
+_SUMS = frozenset({"add", "add_any"})
+# Pointwise nonlinearities: one after a sum is the unit's activation σ.
+_NONLINEAR = frozenset({"max", "min", "tanh", "logistic", "erf", "exp", "log", "log1p",
+                        "expm1", "select_n", "abs", "integer_pow", "pow", "sqrt", "rsqrt",
+                        "sign", "erfc", "sin", "cos"})
 
 
 def _sub_jaxprs(eqn):
@@ -77,8 +99,17 @@ class _Info:
 
   param: Optional[int] = None  # the one parameter leaf it is (up to casts/reshapes)
   params: frozenset = frozenset()  # parameter leaves it depends on
-  levels: frozenset = frozenset()  # activation levels: 0 = model input, b+1 = block b
+  # Activation levels (at most one): 0 = model input, k+1 = kernel op k's output, -(j+1) =
+  # the sum j of a residual unit.
+  levels: frozenset = frozenset()
   unpadded: Optional[tuple] = None  # shape of the activations before explicit padding
+  # Residual units: `base` names the value this one equals up to casts, strided slices and
+  # padding (`moves` lists those), so a shortcut can be matched with the input a branch reads.
+  base: Optional[int] = None
+  moves: tuple = ()
+  trail: tuple = ()  # the last primitives applied since the level's op (for error messages)
+  unit_shape: Optional[tuple] = None  # after a sum: the sum's shape, until the next kernel
+  activated: bool = False  # after a sum: a pointwise nonlinearity was applied since
 
 
 _CONST = _Info()
@@ -91,6 +122,18 @@ class _KernelOp:
   in_shape: tuple
   out_shape: tuple
   in_levels: frozenset
+  in_base: Optional[int] = None
+  in_unit_shape: Optional[tuple] = None  # the sum's shape when it reads a residual unit
+  in_activated: bool = False
+
+
+@dataclasses.dataclass
+class _JoinOp:
+  """An ``add`` of the activations of two levels: the sum of a residual unit (if it is one)."""
+
+  operands: tuple  # the two operands' _Info
+  shapes: tuple  # their shapes
+  out_shape: tuple
 
 
 class _Tracer:
@@ -103,6 +146,21 @@ class _Tracer:
     self.uses: dict[int, set] = {}
     self.batch_reduced: set = set()
     self.next_inputs: dict[int, list] = {}  # level -> shapes of kernel-op activation operands
+    self.joins: list[_JoinOp] = []
+    self.join_inputs: dict[int, list] = {}  # level -> shapes of its values entering a sum
+    self._bases = 0
+
+  def new_base(self) -> int:
+    self._bases += 1
+    return self._bases
+
+  def describe(self, level) -> str:
+    """A level in words, naming its parameters."""
+    if level == 0:
+      return "the model input"
+    if level > 0:
+      return f"block with kernel {self.paths[self.kernels[level - 1].param]!r}"
+    return f"the sum of residual unit {-level - 1}"
 
   def read(self, env, v):
     if isinstance(v, jex_core.Literal):
@@ -142,6 +200,16 @@ class _Tracer:
     levels = frozenset().union(*(i.levels for i in ins)) if ins else frozenset()
     if kernel is not None:
       return [self._kernel(eqn, ins, kernel, params)]
+    if len(levels) > 1:
+      active = [i for i in ins if i.levels]
+      if name in _SUMS and len(active) == 2:
+        return [self._join(eqn, ins, params)]
+      raise ValueError(
+          f"optax_bm.annotate: a {name!r} combines the activations of "
+          f"{' and '.join(self.describe(l) for l in sorted(levels, reverse=True))} (parameters "
+          f"{self._param_names(ins)[:6]}); beyond a chain of blocks only the sum of a shortcut "
+          "and a branch of the same input (a residual unit) is supported: write the spec tree "
+          "by hand with LayerSpec if the scalars still apply.")
     if name in _KERNEL_PRIMITIVES and levels and any(i.params and not i.levels for i in ins):
       raise ValueError(
           f"optax_bm.annotate: a {name} multiplies the activations by a value computed from "
@@ -161,12 +229,36 @@ class _Tracer:
       carriers = {i.param for i in ins if i.params}
       if len(carriers) == 1 and None not in carriers:
         param = carriers.pop()
+    if not levels:
+      return [_Info(param, params, levels) for _ in eqn.outvars]
+    act = next(i for i in ins if i.levels)
+    unpadded, base, moves = None, None, ()
     if name == "pad" and ins[0].levels:
-      return [_Info(param, params, levels,
-                    ins[0].unpadded or tuple(eqn.invars[0].aval.shape))]
-    if name in _KEEP_UNPADDED and levels:
-      return [_Info(param, params, levels, ins[0].unpadded)]
-    return [_Info(param, params, levels) for _ in eqn.outvars]
+      unpadded = ins[0].unpadded or tuple(eqn.invars[0].aval.shape)
+    elif name in _KEEP_UNPADDED:
+      unpadded = act.unpadded
+    if len(eqn.outvars) == 1 and sum(bool(i.levels) for i in ins) == 1:
+      if name in _SAME_VALUE:
+        base, moves = act.base, act.moves
+      elif name in ("slice", "pad") and ins[0].levels:
+        move = (name, tuple(eqn.invars[0].aval.shape), tuple(eqn.outvars[0].aval.shape),
+                dict(eqn.params))
+        base, moves = act.base, act.moves + (move,)
+    trail = (act.trail + (name,))[-6:]
+    activated = act.activated or (act.unit_shape is not None and name in _NONLINEAR)
+    return [_Info(param, params, levels, unpadded,
+                  self.new_base() if base is None else base, moves, trail, act.unit_shape,
+                  activated) for _ in eqn.outvars]
+
+  def _join(self, eqn, ins, params):
+    j = len(self.joins)
+    shapes = tuple(tuple(v.aval.shape) for v in eqn.invars)
+    self.joins.append(_JoinOp(tuple(ins), shapes, tuple(eqn.outvars[0].aval.shape)))
+    for info, shape in zip(ins, shapes):
+      (level,) = info.levels
+      self.join_inputs.setdefault(level, []).append(shape)
+    return _Info(None, params, frozenset({-(j + 1)}), None, self.new_base(), (), (),
+                 tuple(eqn.outvars[0].aval.shape), False)
 
   def _kernel_operand(self, eqn, ins):
     name = eqn.primitive.name
@@ -218,17 +310,13 @@ class _Tracer:
       if op.param == w_info.param:
         raise ValueError(f"optax_bm.annotate: parameter {path!r} is the kernel of two kernel "
                          "ops (weight sharing is not a chain of blocks).")
-    if x_info.levels != frozenset({level}):
-      where = "the model input" if level == 0 else f"block {level - 1}'s output"
-      raise ValueError(
-          f"optax_bm.annotate: the model is not a chain of blocks: kernel {path!r} (block "
-          f"{level}) reads activations of levels {sorted(x_info.levels)} (0 = the input, b+1 = "
-          f"block b), expected {where} only (skip connections and branches are not chains).")
     in_shape = x_info.unpadded or tuple(x_aval.shape)
-    self.next_inputs.setdefault(level, []).append(in_shape)
+    (in_level,) = x_info.levels
+    self.next_inputs.setdefault(in_level, []).append(in_shape)
     self.kernels.append(_KernelOp(w_info.param, kind, in_shape, tuple(out_aval.shape),
-                                  x_info.levels))
-    return _Info(None, params, frozenset({level + 1}))
+                                  x_info.levels, x_info.base, x_info.unit_shape,
+                                  x_info.activated))
+    return _Info(None, params, frozenset({level + 1}), None, self.new_base())
 
   def _maybe_batch_reduction(self, eqn, ins):
     axes = eqn.params.get("axes", eqn.params.get("axis", ()))
@@ -341,6 +429,114 @@ def _check_linen_batch_norm_mode(jaxpr, n_params: int, rest: Any, n_outputs: int
         "annotate(module, variables, x, train=True).")
 
 
+def _chain_back(tracer, level) -> list:
+  """Kernel ops from ``level`` back along kernel outputs, latest first (stops at the input
+  or at a sum)."""
+  out = []
+  while level > 0:
+    out.append(level - 1)
+    (level,) = tracer.kernels[level - 1].in_levels
+  return out
+
+
+def _subsampling(j, info) -> float:
+  """The contraction ``c`` of a parameter-free shortcut: strided slices of the spatial axes
+  and zero-padding of the channels (option A), or a refusal naming the operation."""
+  c = 1.0
+  for name, in_shape, out_shape, params in info.moves:
+    nd = len(in_shape)
+    if name == "slice":
+      strides = params.get("strides") or (1,) * nd
+      keep = [0, nd - 1]
+      if any(params["start_indices"][a] != 0 or strides[a] != 1
+             or params["limit_indices"][a] != in_shape[a] for a in keep):
+        raise ValueError(
+            f"optax_bm.annotate: the shortcut of residual unit {j} slices the batch or channel "
+            f"axis ({params}); only a subsampling of the spatial axes is supported.")
+      c *= (_per_example_size(in_shape) / in_shape[-1]) / (
+          _per_example_size(out_shape) / out_shape[-1])
+    else:  # pad
+      config = params["padding_config"]
+      if any(tuple(map(int, p)) != (0, 0, 0) for p in config[:-1]) or int(config[-1][2]):
+        raise ValueError(
+            f"optax_bm.annotate: the shortcut of residual unit {j} pads other than the "
+            f"channels (padding {config}); only zero-padded channels are supported.")
+  return c
+
+
+def _classify_join(tracer, j) -> dict:
+  """Which operand of sum ``j`` is the branch F, which the shortcut S, and of what kind."""
+  op = tracer.joins[j]
+  levels = [next(iter(o.levels)) for o in op.operands]
+  # A parameter-free shortcut: one operand is (up to moves) the input a branch reads.
+  for si in (0, 1):
+    shortcut = op.operands[si]
+    chain = _chain_back(tracer, levels[1 - si])
+    for depth, k in enumerate(chain):
+      if tracer.kernels[k].in_base == shortcut.base:
+        main = chain[:depth + 1][::-1]
+        kind = SUBSAMPLE if shortcut.moves else IDENTITY
+        c = _subsampling(j, shortcut) if shortcut.moves else 1.0
+        return dict(main=main, shortcut=[], kind=kind, c=c,
+                    in_level=next(iter(tracer.kernels[main[0]].in_levels)))
+  # A projection: both operands are branches reading the same input.
+  chains = [_chain_back(tracer, l) for l in levels]
+  best = None
+  for ia, ka in enumerate(chains[0]):
+    for ib, kb in enumerate(chains[1]):
+      if (ka != kb and tracer.kernels[ka].in_base == tracer.kernels[kb].in_base
+          and (best is None or ia + ib < sum(best))):
+        best = (ia, ib)
+  if best is not None:
+    a, b = chains[0][:best[0] + 1][::-1], chains[1][:best[1] + 1][::-1]
+    if (len(b), -b[0]) > (len(a), -a[0]):  # the main branch: more blocks; tie: first run
+      a, b = b, a
+    return dict(main=a, shortcut=b, kind=PROJECTION, c=1.0,
+                in_level=next(iter(tracer.kernels[a[0]].in_levels)))
+  names = sorted({tracer.paths[tracer.kernels[k].param] for ch in chains for k in ch[:2]})
+  raise ValueError(
+      f"optax_bm.annotate: an 'add' sums {tracer.describe(levels[0])} and "
+      f"{tracer.describe(levels[1])} (parameters {names}), which is not a residual unit: "
+      "neither operand is the input of the other's branch up to a strided slice and zero "
+      "channel padding, nor do both start from the same input (the operands' last operations: "
+      f"{list(op.operands[0].trail)} and {list(op.operands[1].trail)}).")
+
+
+def _units(tracer, out_infos):
+  """The network as a chain of units: ``[("plain", kernel) | ("unit", description)]`` in
+  order, and the level of the last unit's output. Raises naming the kernel that breaks it."""
+  units = [_classify_join(tracer, j) for j in range(len(tracer.joins))]
+  owner = {}
+  for j, u in enumerate(units):
+    for k in u["main"] + u["shortcut"]:
+      if k in owner:
+        raise ValueError(
+            f"optax_bm.annotate: kernel {tracer.paths[tracer.kernels[k].param]!r} lies in the "
+            f"branches of two sums (residual units {owner[k]} and {j}); units must be "
+            "chained, not nested.")
+      owner[k] = j
+  order = sorted([(k, ("plain", k)) for k in range(len(tracer.kernels)) if k not in owner]
+                 + [(min(u["main"] + u["shortcut"]), ("unit", j)) for j, u in enumerate(units)])
+  items, expected = [], 0
+  for _, (what, x) in order:
+    k = x if what == "plain" else units[x]["main"][0]
+    level = next(iter(tracer.kernels[k].in_levels)) if what == "plain" else units[x]["in_level"]
+    if level != expected:
+      path = tracer.paths[tracer.kernels[k].param]
+      raise ValueError(
+          f"optax_bm.annotate: the model is not a chain of blocks: kernel {path!r} (block "
+          f"{len(items)}) reads activations of levels [{level}] (0 = the input, b+1 = block "
+          f"b), expected {tracer.describe(expected)} only (branches that are not residual "
+          "units are not chains).")
+    if items and items[-1][0] == "unit":  # the previous unit's σ, seen by its reader
+      items[-1][1]["activated"] = tracer.kernels[k].in_activated
+    items.append((what, x if what == "plain" else units[x]))
+    expected = x + 1 if what == "plain" else -(x + 1)
+  if items and items[-1][0] == "unit":
+    items[-1][1]["activated"] = any(expected in i.levels and i.activated for i in out_infos)
+  return items, expected
+
+
 POOLING_READINGS = ("before", "after", "effective")
 
 
@@ -375,7 +571,10 @@ def annotate(model: Any, *sample_args: Any,
   Runs the model abstractly on the sample inputs (``jax.make_jaxpr``: shapes only, no
   FLOPs), finds the kernel layers (convolutions and dense layers) and their order along the
   chain, each block's ``s``, ``c`` and whether a BatchNorm sits in it, and places every bias
-  and BatchNorm parameter in its block (see the module docstring for the rules).
+  and BatchNorm parameter in its block (see the module docstring for the rules). Residual
+  units (identity, option-A subsampling or option-B projection shortcuts, an activation
+  after the sum) are recognized; their blocks carry an :class:`optax_bm.Residual` (unit,
+  branch, position, shortcut kind) and are numbered unit by unit, main branch first.
 
   Args:
     model: a Flax NNX module (``nnx.Module``), or a Linen module, in which case the first
@@ -409,7 +608,10 @@ def annotate(model: Any, *sample_args: Any,
 
   Raises:
     ValueError: naming the parameter path, when a parameter cannot be placed, the model is
-      not a chain of blocks, or a kernel does not use Flax's layout.
+      not a chain of blocks and residual units (a concatenation, a product of branches, a
+      sum that is not a shortcut plus a branch: the error names the primitive), or a kernel
+      does not use Flax's layout. ``pooling`` other than ``"before"`` is not implemented for
+      residual networks yet.
 
   Example:
     >>> model = train.models.vgg("vgg11", num_classes=10, rngs=nnx.Rngs(0))  # doctest: +SKIP
@@ -474,33 +676,52 @@ def annotate(model: Any, *sample_args: Any,
   n_rest = len(jax.tree.leaves(rest))
   n_args = len(jaxpr.invars) - n_params - n_rest
   in_infos = ([_Info(i, frozenset({i})) for i in range(n_params)] + [_CONST] * n_rest
-              + [_Info(levels=frozenset({0}))] * n_args)
+              + [_Info(levels=frozenset({0}), base=-(a + 1)) for a in range(n_args)])
   tracer = _Tracer(paths, batch_size)
   out_infos = tracer.run(jaxpr, in_infos)
 
   if not tracer.kernels:
     raise ValueError("optax_bm.annotate: found no kernel layer (convolution or dense) acting "
                      "on the input.")
-  num_blocks = len(tracer.kernels)
-  top_level = num_blocks
+  if pooling not in POOLING_READINGS:
+    raise ValueError(f"optax_bm.annotate: pooling={pooling!r}; choose from "
+                     f"{', '.join(map(repr, POOLING_READINGS))}.")
+  if tracer.joins and pooling != "before":
+    raise ValueError(f"optax_bm.annotate: pooling={pooling!r} is not implemented for residual "
+                     "networks yet; use pooling='before'.")
+  # Units in order: ("plain", kernel) or ("unit", description); the level of the output.
+  items, top_level = _units(tracer, out_infos)
   out_shapes = [tuple(v.aval.shape) for v, i in zip(jaxpr.outvars, out_infos)
                 if top_level in i.levels]
   if not out_shapes:
     raise ValueError("optax_bm.annotate: the model's output does not depend on its last kernel "
                      f"{paths[tracer.kernels[-1].param]!r}.")
 
-  if pooling not in POOLING_READINGS:
-    raise ValueError(f"optax_bm.annotate: pooling={pooling!r}; choose from "
-                     f"{', '.join(map(repr, POOLING_READINGS))}.")
-  block_specs = []
+  # Blocks numbered unit by unit (in a residual unit: its main branch, then its shortcut).
+  block_of, residual_of = {}, {}
+  for u, (what, x) in enumerate(items):
+    if what == "plain":
+      block_of[x] = len(block_of)
+      residual_of[x] = None
+      continue
+    for branch, kernels in ((MAIN, x["main"]), (SHORTCUT, x["shortcut"])):
+      for pos, k in enumerate(kernels):
+        block_of[k] = len(block_of)
+        residual_of[k] = Residual(u, branch, pos, x["kind"], x["c"], x["activated"])
+
+  block_specs = {}
   pool_below = 1.0  # c_pool of the previous block (pooling="after" moves it up one block)
-  for b, op in enumerate(tracer.kernels):
+  for k in sorted(block_of, key=block_of.get):
+    op, b = tracer.kernels[k], block_of[k]
     n_out = op.out_shape[-1]
     s = _per_example_size(op.out_shape) // n_out
+    # A block reading a unit's sum counts its input positions there (before any pooling).
+    in_shape = op.in_unit_shape or op.in_shape
+    in_positions = _per_example_size(in_shape) // in_shape[-1]
     if op.kind == DENSE:
-      c_op = c_pool = 1.0
+      c_op, c_pool = (float(in_positions) if op.in_unit_shape else 1.0), 1.0
     else:
-      nxt = tracer.next_inputs.get(b + 1) or out_shapes
+      nxt = (tracer.next_inputs.get(k + 1) or tracer.join_inputs.get(k + 1) or out_shapes)
       size = _per_example_size(nxt[0])
       if size % n_out:
         raise ValueError(
@@ -509,15 +730,16 @@ def annotate(model: Any, *sample_args: Any,
             f"of its {n_out} channels.")
       # c = input positions / block output positions = c_op (stride) · c_pool
       # (docs/method.md#3-scalar-local-hessians).
-      c_op = (_per_example_size(op.in_shape) // op.in_shape[-1]) / s
+      c_op = in_positions / s
       c_pool = s / (size // n_out)
-    block_specs.append(dict(kind=op.kind, **_positions(pooling, op.kind, s, c_op, c_pool,
-                                                       pool_below),
-                            normalized=frozenset({b + 1}) in tracer.batch_reduced))
+    block_specs[b] = dict(kind=op.kind, **_positions(pooling, op.kind, s, c_op, c_pool,
+                                                     pool_below),
+                          normalized=frozenset({k + 1}) in tracer.batch_reduced,
+                          residual=residual_of[k])
     pool_below = c_pool
 
   skip = _unscaled_paths(unscaled, params, paths)
-  kernel_of = {op.param: b for b, op in enumerate(tracer.kernels)}
+  kernel_of = {op.param: block_of[k] for k, op in enumerate(tracer.kernels)}
   leaf_specs = []
   for i, path in enumerate(paths):
     if path in skip:
@@ -526,14 +748,16 @@ def annotate(model: Any, *sample_args: Any,
       leaf_specs.append(LayerSpec(block=kernel_of[i], role=KERNEL, **block_specs[kernel_of[i]]))
     else:
       uses = tracer.uses.get(i, set())
-      if len(uses) != 1 or len(next(iter(uses))) != 1 or 0 in next(iter(uses)):
+      level = next(iter(next(iter(uses)))) if len(uses) == 1 else None
+      if len(uses) != 1 or len(next(iter(uses))) != 1 or level <= 0:
         why = ("is never used on the activations" if not uses else
                "acts on the model input before the first kernel" if uses == {frozenset({0})}
+               else f"acts on {tracer.describe(level)}, after the sum, outside every block"
+               if level is not None and level < 0
                else f"meets the activations of several blocks (levels {sorted(map(sorted, uses))})")
         raise ValueError(
             f"optax_bm.annotate: cannot place parameter {path!r} in a block: it {why}. Pass "
             f"unscaled=[{path!r}] to leave it out of the rescaling.")
-      (level,) = next(iter(uses))
-      b = level - 1
+      b = block_of[level - 1]
       leaf_specs.append(LayerSpec(block=b, role=OTHER, **block_specs[b]))
   return jax.tree.unflatten(params_def, leaf_specs)

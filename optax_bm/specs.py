@@ -4,13 +4,18 @@ A spec tree has exactly the structure of the parameters being optimized; each le
 :class:`LayerSpec` (or :data:`UNSCALED` for a parameter deliberately left out of the
 rescaling). :func:`optax_bm.annotate` builds spec trees from Flax models; users may also
 write them by hand.
+
+A chain network needs nothing more: every block is a unit of its own. A residual network is a
+chain of *units* ``z_u = σ_u(S_u(z_{u-1}) + F_u(z_{u-1}))``; the blocks of a residual unit
+carry a :class:`Residual` saying which unit, which branch and where in the branch they sit,
+and what the unit's shortcut is (see docs/method.md, residual networks).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 
@@ -18,6 +23,90 @@ KERNEL = "kernel"
 OTHER = "other"
 CONV = "conv"
 DENSE = "dense"
+
+# Branches of a residual unit.
+MAIN = "main"  # F_u: the chain of blocks the shortcut is added to
+SHORTCUT = "shortcut"  # S_u when it has parameters (a projection)
+# Shortcut kinds of a residual unit.
+IDENTITY = "identity"  # S_u(z) = z
+SUBSAMPLE = "subsample"  # parameter-free: keep 1 of every `shortcut_c` positions, zero-pad
+#                          the channels (option A of He et al. 2016)
+PROJECTION = "projection"  # a chain of blocks, e.g. 1x1 stride-2 conv + BatchNorm (option B)
+SHORTCUT_KINDS = (IDENTITY, SUBSAMPLE, PROJECTION)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Residual:
+  """Where a block sits in a residual unit ``z_u = σ_u(S_u(z_{u-1}) + F_u(z_{u-1}))``.
+
+  Units are numbered along the network, 0 nearest the input, and a block without a
+  :class:`Residual` (the stem, the classifier, every block of a chain) is a unit of its own:
+  in ResNet-20 the stem is unit 0, the nine basic blocks units 1..9, the classifier unit 10.
+  Blocks are numbered so that the blocks of one unit are consecutive (its main branch in
+  order, then its shortcut branch).
+
+  Every leaf of every block of one unit repeats the unit's description (``shortcut``,
+  ``shortcut_c``, ``post_activation``), so that a leaf's spec can be read on its own.
+
+  Attributes:
+    unit: the unit's index ``u``.
+    branch: ``"main"`` for the branch ``F_u``; ``"shortcut"`` for a block of a projection
+      shortcut ``S_u``.
+    position: the block's position in its branch, 0 for the block reading ``z_{u-1}``.
+    shortcut: the unit's shortcut: ``"identity"``; ``"subsample"`` (no parameters: keeps 1
+      of every ``shortcut_c`` input positions and zero-pads the channels, option A of He et
+      al. 2016); ``"projection"`` (a chain of blocks, option B: 1x1 stride-2 conv + BatchNorm).
+    shortcut_c: for ``"subsample"``: the input positions per kept position (4 for stride 2
+      in two dimensions); 1 otherwise.
+    post_activation: whether a pointwise activation (ReLU) follows the sum.
+
+  Example:
+    The second convolution of ResNet-20's first basic block (unit 1 after the stem)::
+
+      LayerSpec(block=2, role="kernel", kind="conv", s=1024, c=1.0, normalized=True,
+                residual=Residual(unit=1, branch="main", position=1, shortcut="identity"))
+  """
+
+  unit: int
+  branch: str = MAIN
+  position: int = 0
+  shortcut: str = IDENTITY
+  shortcut_c: float = 1.0
+  post_activation: bool = True
+
+  def __post_init__(self):
+    def bad(what):
+      raise ValueError(f"Residual: {what} (got {self!r}).")
+
+    if not _is_int(self.unit) or self.unit < 0:
+      bad("unit must be an int >= 0")
+    if self.branch not in (MAIN, SHORTCUT):
+      bad(f"branch must be {MAIN!r} or {SHORTCUT!r}")
+    if not _is_int(self.position) or self.position < 0:
+      bad("position must be an int >= 0 (0 is the block reading the unit's input)")
+    if self.shortcut not in SHORTCUT_KINDS:
+      bad(f"shortcut must be one of {SHORTCUT_KINDS}")
+    if (isinstance(self.shortcut_c, bool) or not isinstance(self.shortcut_c, numbers.Real)
+        or not self.shortcut_c > 0):
+      bad("shortcut_c must be a positive number")
+    if self.shortcut != SUBSAMPLE and self.shortcut_c != 1:
+      bad(f"shortcut_c is the contraction of a 'subsample' shortcut; a {self.shortcut!r} "
+          "shortcut has shortcut_c=1")
+    if self.branch == SHORTCUT and self.shortcut != PROJECTION:
+      bad(f"only a 'projection' shortcut has blocks; this unit's shortcut is {self.shortcut!r}")
+    if not isinstance(self.post_activation, bool):
+      bad("post_activation must be a bool")
+    object.__setattr__(self, "unit", int(self.unit))
+    object.__setattr__(self, "position", int(self.position))
+    object.__setattr__(self, "shortcut_c", float(self.shortcut_c))
+
+  def unit_signature(self):
+    """What all blocks of one unit must agree on."""
+    return (self.shortcut, self.shortcut_c, self.post_activation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +128,8 @@ class LayerSpec:
       feature map, counted before any flattening (4 for a 2x2 pool or a stride-2 SAME
       convolution, 1 for a dense kernel).
     normalized: whether a BatchNorm sits in the block.
+    residual: for a block of a residual unit, where it sits in the unit (a :class:`Residual`);
+      ``None`` (the default) for a block that is a unit of its own, as in a chain.
   """
 
   block: int
@@ -47,6 +138,7 @@ class LayerSpec:
   s: int = 1
   c: float = 1.0
   normalized: bool = False
+  residual: Optional[Residual] = None
 
   def __post_init__(self):
     def bad(what):
@@ -66,6 +158,8 @@ class LayerSpec:
       bad("c (spatial contraction) must be a positive number")
     if not isinstance(self.normalized, bool):
       bad("normalized must be a bool")
+    if self.residual is not None and not isinstance(self.residual, Residual):
+      bad("residual must be None or an optax_bm.Residual")
     object.__setattr__(self, "block", int(self.block))
     # Position counts are ints; annotate(..., pooling="effective") makes fractional ones.
     s = float(self.s)
@@ -78,7 +172,7 @@ class LayerSpec:
 
   def block_signature(self):
     """What all leaves of one block must agree on."""
-    return (self.kind, self.s, self.c, self.normalized)
+    return (self.kind, self.s, self.c, self.normalized, self.residual)
 
 
 class _Unscaled:

@@ -24,7 +24,8 @@ def _is_masked(x):
 
 
 def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = False,
-                           gamma_aware: bool = False) -> optax.GradientTransformation:
+                           gamma_aware: bool = False,
+                           input_scale: str = "propagated") -> optax.GradientTransformation:
   r"""Rescales every block's update by its scalar local Hessians (scale-amended SGD).
 
   Back-matching propagation (docs/method.md#2-back-matching-propagation) solves, from the
@@ -42,6 +43,11 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
   the current ``params`` (see :func:`optax_bm.block_scales` for the scalars). It keeps the
   updates' dtypes and shardings and holds no state.
 
+  Residual networks (blocks annotated with :class:`optax_bm.Residual`) are back-matched unit
+  by unit and, inside a unit, branch by branch; the factor of a leaf of block ``b`` in unit
+  ``u`` is ``(1/m_{b,.}) Π_{j after b in its branch} 1/m_{j,z} Π_{v>u} 1/m_{v,z}`` with
+  ``m_{u,z} = m_z(S_u) + m_z(F_u)`` (see :func:`optax_bm.block_scales`).
+
   Args:
     specs: a tree of :class:`optax_bm.LayerSpec` (or :data:`optax_bm.UNSCALED`) with the
       structure of the parameters, as made by :func:`optax_bm.annotate`, or a callable
@@ -58,6 +64,10 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
     gamma_aware: multiply the kernel and input scalars ``m_{b,W}``, ``m_{b,z}`` of every block
       with BatchNorm by the mean squared BatchNorm scale ``E[γ²]`` of that block
       (docs/method.md#64-batchnorms-scale-ignored; see :func:`optax_bm.local_hessian_scalars`).
+    input_scale: the second moment of a residual unit's input in the scalars of the
+      normalized blocks reading it: ``"propagated"`` (default; a signal-propagation
+      recursion over BatchNorm's ``γ``, ``β``) or ``"unit"`` (1); see
+      :func:`optax_bm.block_scales` for the assumptions and the evidence. No effect on chains.
 
   Returns:
     An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
@@ -78,6 +88,10 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
     ("scale-amended SGD") and supplement §C.1.
   """
 
+  if input_scale not in scaling.INPUT_SCALES:
+    raise ValueError(f"scale_by_back_matching: input_scale={input_scale!r}; choose from "
+                     f"{', '.join(map(repr, scaling.INPUT_SCALES))}.")
+
   def init_fn(params):
     # A spec tree made for another model fails here, naming the path, not at the first update.
     specs_lib.flatten_specs_like(specs_lib.resolve(specs, params), params, what="params",
@@ -92,7 +106,8 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
         spec_tree, updates, what="updates", is_leaf=_is_masked)
     param_leaves = specs_lib.leaves_at(params, paths, what="params", is_leaf=_is_masked)
     factors = scaling.leaf_factors(spec_leaves, param_leaves, paths,
-                                   scale_others=scale_others, gamma_aware=gamma_aware)
+                                   scale_others=scale_others, gamma_aware=gamma_aware,
+                                   input_scale=input_scale)
     out = [u if f is None or _is_masked(u) else (u * f).astype(u.dtype)
            for u, f in zip(update_leaves, factors)]
     return jax.tree.unflatten(treedef, out), state
@@ -111,6 +126,7 @@ def scale_amended_sgd(
     scale_others: bool = False,
     gamma_aware: bool = False,
     decay_before_scaling: bool = True,
+    input_scale: str = "propagated",
 ) -> optax.GradientTransformation:
   r"""Scale-amended SGD, the paper's optimizer (docs/method.md#4-the-optimizers-of-table-1).
 
@@ -139,6 +155,8 @@ def scale_amended_sgd(
       :func:`scale_by_back_matching` for the numbers).
     gamma_aware: BatchNorm-``γ²``-aware scalars (see :func:`scale_by_back_matching`).
     decay_before_scaling: where weight decay enters (see above).
+    input_scale: the second moment of a residual unit's input (see
+      :func:`scale_by_back_matching`); no effect on chains.
 
   Returns:
     An :class:`optax.GradientTransformation` whose ``update`` requires ``params``. Works with
@@ -153,7 +171,8 @@ def scale_amended_sgd(
     supplement §D.
   """
   return layerwise_sgd(
-      scale_by_back_matching(specs, scale_others=scale_others, gamma_aware=gamma_aware),
+      scale_by_back_matching(specs, scale_others=scale_others, gamma_aware=gamma_aware,
+                             input_scale=input_scale),
       learning_rate, weight_decay, weight_decay_mask, momentum, nesterov,
       decay_before_scaling=decay_before_scaling)
 

@@ -202,3 +202,191 @@ def cross_entropy(labels, classes):
     return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), axis=-1))
 
   return loss
+
+
+# --- residual networks: units z_u = σ(S(z) + F(z)) -----------------------------------------
+
+
+class ConvBN(nnx.Module):
+  """conv (3x3 SAME or 1x1) -> BatchNorm [-> ReLU]: one block of a residual unit."""
+
+  def __init__(self, cin, cout, *, rngs, stride=1, kernel=3, relu=True, dtype=jnp.float32):
+    self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding="SAME",
+                         use_bias=False, rngs=rngs, dtype=dtype, param_dtype=dtype)
+    self.bn = batch_norm(cout, rngs=rngs, dtype=dtype)
+    self.relu = relu
+
+  def __call__(self, x):
+    x = self.bn(self.conv(x))
+    return nnx.relu(x) if self.relu else x
+
+
+def subsample(x, cout):
+  """Option A: keep every other row and column, zero-pad the channels to ``cout``."""
+  x = x[:, ::2, ::2, :]
+  pad = cout - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
+
+
+class ResUnit(nnx.Module):
+  """Post-activation basic block: conv-BN-ReLU-conv-BN + shortcut [-> ReLU]."""
+
+  def __init__(self, cin, cout, *, rngs, stride=1, shortcut="identity", act=True,
+               dtype=jnp.float32, depth=2):
+    self.main = nnx.List([ConvBN(cin, cout, stride=stride, rngs=rngs, dtype=dtype)]
+                         + [ConvBN(cout, cout, rngs=rngs, dtype=dtype) for _ in range(depth - 2)]
+                         + [ConvBN(cout, cout, relu=False, rngs=rngs, dtype=dtype)])
+    self.shortcut = nnx.List(
+        [ConvBN(cin, cout, stride=stride, kernel=1, relu=False, rngs=rngs, dtype=dtype)]
+        if shortcut == "projection" else [])
+    self.kind = shortcut
+    self.cout = cout
+    self.act = act
+
+  def shortcut_fn(self, x):
+    return subsample(x, self.cout) if self.kind == "subsample" else x
+
+  def __call__(self, x):
+    f = x
+    for b in self.main:
+      f = b(f)
+    s = self.shortcut[0](x) if self.kind == "projection" else self.shortcut_fn(x)
+    y = s + f
+    return nnx.relu(y) if self.act else y
+
+
+class Head(nnx.Module):
+  """Global average pool -> dense (the classifier reads the last unit's output)."""
+
+  def __init__(self, din, dout, *, rngs, dtype=jnp.float32):
+    self.fc = nnx.Linear(din, dout, rngs=rngs, dtype=dtype, param_dtype=dtype)
+
+  def __call__(self, x):
+    return self.fc(x.mean(axis=(1, 2)))
+
+
+class ResNetLike(nnx.Module):
+
+  def __init__(self, units):
+    self.units = nnx.List(units)
+
+  def __call__(self, x):
+    for u in self.units:
+      x = u(x)
+    return x
+
+
+def residual_net(shortcut="subsample", act=True, dtype=jnp.float32, seed=3, classes=5,
+                 depth=2):
+  """stem conv-BN-ReLU (3->4), an identity unit (4->4), a unit with the given shortcut
+  (4->8 stride 2; 4->4 stride 1 for "identity") whose branch has ``depth`` blocks, GAP,
+  dense."""
+  r = nnx.Rngs(seed)
+  wide = shortcut != "identity"
+  cout, stride = (8, 2) if wide else (4, 1)
+  return ResNetLike([
+      ConvBN(3, 4, rngs=r, dtype=dtype),
+      ResUnit(4, 4, rngs=r, act=act, dtype=dtype),
+      ResUnit(4, cout, stride=stride, shortcut=shortcut, rngs=r, act=act, dtype=dtype,
+              depth=depth),
+      Head(cout, classes, rngs=r, dtype=dtype),
+  ])
+
+
+def residual_expected(shortcut="subsample", act=True, hw=8, depth=2):
+  """Hand-computed {module path: (block, kind, s, c, normalized, Residual)} of residual_net."""
+  from optax_bm import Residual  # pylint: disable=import-outside-toplevel
+
+  wide = shortcut != "identity"
+  c2 = 4.0 if wide else 1.0
+  s2 = (hw // 2) ** 2 if wide else hw * hw
+  r1 = lambda br, pos: Residual(1, br, pos, "identity", post_activation=act)  # noqa: E731
+  r2 = lambda br, pos: Residual(2, br, pos, shortcut, c2 if shortcut == "subsample" else 1.0,
+                                post_activation=act)  # noqa: E731
+  out = {
+      "units/0": (0, "conv", hw * hw, 1.0, True, None),
+      "units/1/main/0": (1, "conv", hw * hw, 1.0, True, r1("main", 0)),
+      "units/1/main/1": (2, "conv", hw * hw, 1.0, True, r1("main", 1)),
+      "units/2/main/0": (3, "conv", s2, c2, True, r2("main", 0)),
+  }
+  for j in range(1, depth):
+    out[f"units/2/main/{j}"] = (3 + j, "conv", s2, 1.0, True, r2("main", j))
+  if shortcut == "projection":
+    out["units/2/shortcut/0"] = (3 + depth, "conv", s2, c2, True, r2("shortcut", 0))
+  # The classifier reads the last unit's output through a global average pool.
+  out["units/3"] = (len(out), "dense", 1, float(s2), False, None)
+  return out
+
+
+def specs_from_table(params, table):
+  """A spec tree over ``params`` from {module path prefix: (block, kind, s, c, norm, res)}."""
+
+  def one(path, _):
+    key = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                   for k in path if getattr(k, "name", None) != "value")
+    prefix = max((p for p in table if key.startswith(p + "/")), key=len)
+    block, kind, s, c, norm, res = table[prefix]
+    role = "kernel" if key.endswith("kernel") else "other"
+    return LayerSpec(block=block, role=role, kind=kind, s=s, c=c, normalized=norm,
+                     residual=res)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+class LinenConvBN(nn.Module):
+  features: int
+  stride: int = 1
+  kernel: int = 3
+  relu: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Conv(self.features, (self.kernel, self.kernel), strides=self.stride, padding="SAME",
+                use_bias=False, dtype=self.dtype, param_dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype, param_dtype=self.dtype)(x)
+    return nn.relu(x) if self.relu else x
+
+
+class LinenResUnit(nn.Module):
+  features: int
+  stride: int = 1
+  shortcut: str = "identity"
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.main = [LinenConvBN(self.features, self.stride, dtype=self.dtype),
+                 LinenConvBN(self.features, relu=False, dtype=self.dtype)]
+    if self.shortcut == "projection":
+      self.proj = LinenConvBN(self.features, self.stride, kernel=1, relu=False, dtype=self.dtype)
+
+  def __call__(self, x, train: bool = True):
+    f = x
+    for b in self.main:
+      f = b(f, train)
+    if self.shortcut == "projection":
+      s = self.proj(x, train)
+    elif self.shortcut == "subsample":
+      s = subsample(x, self.features)
+    else:
+      s = x
+    return nn.relu(s + f)
+
+
+class LinenResNet(nn.Module):
+  """Linen twin of :func:`residual_net` (ReLU after the sums)."""
+
+  shortcut: str = "subsample"
+  dtype: jnp.dtype = jnp.float32
+  classes: int = 5
+
+  def setup(self):
+    wide = self.shortcut != "identity"
+    self.stem = LinenConvBN(4, dtype=self.dtype)
+    self.u1 = LinenResUnit(4, dtype=self.dtype)
+    self.u2 = LinenResUnit(8 if wide else 4, 2 if wide else 1, self.shortcut, dtype=self.dtype)
+    self.fc = nn.Dense(self.classes, dtype=self.dtype, param_dtype=self.dtype)
+
+  def __call__(self, x, train: bool = True):
+    x = self.u2(self.u1(self.stem(x, train), train), train)
+    return self.fc(x.mean(axis=(1, 2)))

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import optax_bm
-from optax_bm import LayerSpec, UNSCALED
+from optax_bm import LayerSpec, Residual, UNSCALED
 from optax_bm.specs import path_str
 from tests import nets
 from train import models
@@ -157,9 +157,90 @@ def test_unplaceable_parameter_is_an_error_naming_it_unless_opted_out():
     optax_bm.annotate(_Unused(), x, unscaled=["nope"])
 
 
-def test_skip_connection_is_not_a_chain():
-  with pytest.raises(ValueError, match=r"not a chain.*'fc/kernel'.*levels \[1, 3\]"):
-    optax_bm.annotate(_Residual(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3)))
+def test_identity_skip_connection_is_a_residual_unit():
+  specs = _by_path(optax_bm.annotate(_Residual(nnx.Rngs(0)), jnp.zeros((2, 8, 8, 3))))
+  res = lambda pos: Residual(1, "main", pos, "identity", post_activation=True)  # noqa: E731
+  want = {"a": (0, 64, 1.0, None), "b": (1, 64, 1.0, res(0)), "c": (2, 64, 1.0, res(1)),
+          "fc": (3, 1, 64.0, None)}  # the classifier reads the sum's 8x8 positions via GAP
+  for name, (block, s, c, r) in want.items():
+    for leaf in ("kernel", "bias"):
+      spec = specs[f"{name}/{leaf}"]
+      assert (spec.block, spec.s, spec.c, spec.normalized, spec.residual) == (
+          block, s, c, False, r), (name, leaf, spec)
+
+
+class _TwoBranches(nnx.Module):
+  """h -> a; then F(h) = c(relu(b(h))) joined with h by `join`."""
+
+  def __init__(self, join, rngs, stride=1):
+    self.join = join
+    self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.b = nnx.Conv(4, 4, (3, 3), strides=stride, rngs=rngs)
+    self.c = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.fc = nnx.Linear(8 if join == "concat" else 4, 2, rngs=rngs)
+    self.gain = nnx.Param(jnp.ones((4,)))
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(x))
+    f = self.c(nnx.relu(self.b(h)))
+    if self.join == "concat":
+      y = jnp.concatenate([f, h], axis=-1)
+    elif self.join == "product":
+      y = f * h
+    elif self.join == "avg_pool_shortcut":
+      y = f + nnx.avg_pool(h, (2, 2), strides=(2, 2))
+    elif self.join == "gain_after_sum":
+      y = (f + h) * self.gain
+    else:
+      raise ValueError(self.join)
+    return self.fc(nnx.relu(y).mean(axis=(1, 2)))
+
+
+class _ReadsInsideAUnit(nnx.Module):
+  """A kernel reading the branch's middle: not a chain of units."""
+
+  def __init__(self, rngs):
+    self.a = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.b = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.c = nnx.Conv(4, 4, (3, 3), rngs=rngs)
+    self.d = nnx.Linear(4, 2, rngs=rngs)
+    self.fc = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.a(x))
+    mid = nnx.relu(self.b(h))
+    y = nnx.relu(self.c(mid) + h)
+    return self.fc(y.mean(axis=(1, 2))), self.d(mid.mean(axis=(1, 2)))
+
+
+def test_what_is_not_a_residual_unit_is_refused_by_name():
+  x = jnp.zeros((2, 8, 8, 3))
+  with pytest.raises(ValueError, match=r"a 'concatenate' combines the activations of block "
+                     r"with kernel 'c/kernel' and block with kernel 'a/kernel'.*'a/kernel'"):
+    optax_bm.annotate(_TwoBranches("concat", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"a 'mul' combines the activations of block with "
+                     r"kernel 'c/kernel' and block with kernel 'a/kernel'"):
+    optax_bm.annotate(_TwoBranches("product", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"an 'add' sums .*'c/kernel'.* not a residual unit.*"
+                     r"'reduce_window_sum'"):
+    optax_bm.annotate(_TwoBranches("avg_pool_shortcut", nnx.Rngs(0), stride=2), x)
+  with pytest.raises(ValueError, match=r"'gain'.*acts on the sum of residual unit 0, after "
+                     r"the sum, outside every block.*unscaled=\['gain'\]"):
+    optax_bm.annotate(_TwoBranches("gain_after_sum", nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match=r"not a chain of blocks: kernel 'd/kernel'"):
+    optax_bm.annotate(_ReadsInsideAUnit(nnx.Rngs(0)), x)
+  with pytest.raises(ValueError, match="pooling='after' is not implemented for residual"):
+    optax_bm.annotate(_Residual(nnx.Rngs(0)), x, pooling="after")
+
+
+@pytest.mark.parametrize("kind", ["identity", "subsample", "projection"])
+@pytest.mark.parametrize("act", [True, False])
+def test_residual_units_equal_hand_computed(kind, act):
+  model = nets.residual_net(kind, act=act)
+  specs = optax_bm.annotate(model, jnp.zeros((2, 8, 8, 3)))
+  want = nets.specs_from_table(nnx.as_pure(nnx.state(model, nnx.Param)),
+                               nets.residual_expected(kind, act))
+  assert jax.tree.leaves(nnx.as_pure(specs)) == jax.tree.leaves(want)
 
 
 def test_not_a_flax_model():
@@ -278,3 +359,58 @@ def test_nnx_dropout_rng_is_not_an_activation():
   # The key passed with the call, as data: no more an activation than the module's own.
   specs = optax_bm.annotate(model, x, rngs=nnx.Rngs(dropout=jax.random.key(2)))
   assert _block_table(specs) == _DROPOUT_EXPECTED
+
+
+def _resnet_by_hand(n, option="A"):
+  """{block: (kind, s, c, normalized, Residual)} of a CIFAR ResNet (32x32 input), walked by
+  hand: stem, 3 stages x n basic blocks (stages 2, 3 start with stride 2), GAP, dense."""
+  rows = [("conv", 1024, 1.0, True, None)]  # the stem: unit 0
+  hw, u = 32, 1
+  for stage in range(3):
+    for j in range(n):
+      down = stage > 0 and j == 0
+      out = hw // 2 if down else hw
+      kind = ("subsample" if option == "A" else "projection") if down else "identity"
+      res = lambda br, pos, kind=kind, down=down, u=u: Residual(  # noqa: E731
+          u, br, pos, kind, 4.0 if down and option == "A" else 1.0, True)
+      rows.append(("conv", out * out, 4.0 if down else 1.0, True, res("main", 0)))
+      rows.append(("conv", out * out, 1.0, True, res("main", 1)))
+      if kind == "projection":  # 1x1 stride 2: 1024 -> 256 positions, c = 4
+        rows.append(("conv", out * out, 4.0, True, res("shortcut", 0)))
+      hw, u = out, u + 1
+  rows.append(("dense", 1, 64.0, False, None))  # reads the last sum (8x8) through the GAP
+  return dict(enumerate(rows))
+
+
+@pytest.mark.parametrize("name,n,option", [("resnet20", 3, "A"), ("resnet56", 9, "A"),
+                                           ("resnet20b", 3, "B")])
+def test_resnet_specs_equal_hand_computed(name, n, option):
+  model = models.create(name, num_classes=10, width=1 / 8, rngs=nnx.Rngs(0))
+  specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  want = _resnet_by_hand(n, option)
+  by_path = _by_path(specs)
+  kernels = {s.block: (s.kind, s.s, s.c, s.normalized, s.residual)
+             for s in by_path.values() if s.is_kernel}
+  assert kernels == want
+  assert len(want) == 6 * n + 2 + (2 if option == "B" else 0)
+  # Every leaf sits in the block of its module: stem, units/u/{main,shortcut}/j, classifier.
+  block_of_module, b = {"stem": 0}, 1
+  for u in range(3 * n):
+    for j in range(2):
+      block_of_module[f"units/{u}/main/{j}"] = b
+      b += 1
+    if option == "B" and u in (n, 2 * n):
+      block_of_module[f"units/{u}/shortcut/0"] = b
+      b += 1
+  block_of_module["classifier"] = b
+  for path, s in by_path.items():
+    module = max((m for m in block_of_module if path.startswith(m + "/")), key=len)
+    assert s.block == block_of_module[module], path
+    assert (s.kind, s.s, s.c, s.normalized, s.residual) == want[s.block], path
+    assert s.is_kernel == path.endswith("kernel"), path
+  assert jax.tree.structure(specs) == jax.tree.structure(nnx.state(model, nnx.Param))
+  # The transformation runs on them (a step of scale-amended SGD under jit).
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  tx = optax_bm.scale_amended_sgd(0.1, specs)
+  updates, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert all(bool(jnp.all(jnp.isfinite(l))) for l in jax.tree.leaves(updates))

@@ -1,4 +1,6 @@
-"""VGG with BatchNorm for 32×32 inputs (CIFAR), in Flax NNX.
+"""VGG with BatchNorm and the CIFAR ResNets for 32×32 inputs (CIFAR), in Flax NNX.
+
+:data:`MODELS` names them all; :func:`create` builds any of them by name.
 
 The network is an explicit chain of blocks, as `optax_bm.annotate` expects (SPEC §1): every
 block starts at one kernel layer and holds what follows it up to the next one,
@@ -38,9 +40,6 @@ CFGS: dict[str, tuple] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }
-MODELS = tuple(CFGS)
-
-
 def scaled_channels(c: int, width: float) -> int:
   """``round(c · width)``, at least 1."""
   return max(1, int(round(c * width)))
@@ -138,6 +137,145 @@ def vgg(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float3
   """
   key = name.lower()
   if key not in CFGS:
-    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(CFGS)}")
   return VGG(CFGS[key], num_classes, width=width, dtype=dtype, param_dtype=param_dtype,
              rngs=rngs, small_map_conv=small_map_conv)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR ResNets (He, Zhang, Ren & Sun 2016, §4.2)
+
+# 6n + 2 layers: three stages of n basic blocks.
+RESNET_DEPTHS: dict[str, int] = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9,
+                                 "resnet110": 18}
+RESNET_STAGES = (16, 32, 64)  # channels per stage (×width); stages 2 and 3 start with stride 2
+# "resnet20" (option A shortcuts, as in the paper's CIFAR experiments) and "resnet20b" (option
+# B: 1×1 stride-2 convolution + BatchNorm where the shape changes).
+RESNETS = tuple(RESNET_DEPTHS) + tuple(f"{name}b" for name in RESNET_DEPTHS)
+MODELS = tuple(CFGS) + RESNETS
+
+
+class ConvBN(nnx.Module):
+  """One block of a residual unit or the stem: conv (no bias) -> BatchNorm [-> ReLU]."""
+
+  def __init__(self, in_features: int, out_features: int, *, kernel_size: int = 3,
+               stride: int = 1, relu: bool = True, dtype: Any, param_dtype: Any,
+               rngs: nnx.Rngs):
+    self.conv = nnx.Conv(in_features, out_features, kernel_size=(kernel_size, kernel_size),
+                         strides=stride, padding="SAME", use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+    self.bn = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                            param_dtype=param_dtype, rngs=rngs)
+    self.relu = relu
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.bn(self.conv(x))
+    return nnx.relu(x) if self.relu else x
+
+
+def subsample_shortcut(x: jax.Array, out_features: int) -> jax.Array:
+  """Option A: every other row and column, channels zero-padded (half on each side)."""
+  x = x[:, ::2, ::2, :]
+  pad = out_features - x.shape[-1]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad // 2, pad - pad // 2)))
+
+
+class BasicBlock(nnx.Module):
+  """Post-activation basic block: ``relu(S(x) + bn(conv(relu(bn(conv(x))))))``.
+
+  ``S`` is the identity where the shape is kept; where it changes (stride 2, more channels)
+  it is option A (:func:`subsample_shortcut`, no parameters) or option B (a 1×1 stride-2
+  :class:`ConvBN` without ReLU).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, stride: int, option: str,
+               dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.main = nnx.List([ConvBN(in_features, out_features, stride=stride, **kw),
+                          ConvBN(out_features, out_features, relu=False, **kw)])
+    changes = stride != 1 or in_features != out_features
+    self.option = option if changes else "identity"
+    self.shortcut = nnx.List(
+        [ConvBN(in_features, out_features, kernel_size=1, stride=stride, relu=False, **kw)]
+        if self.option == "B" else [])
+    self.stride = stride
+    self.out_features = out_features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = x
+    for block in self.main:
+      f = block(f)
+    if self.option == "B":
+      s = self.shortcut[0](x)
+    elif self.option == "A":
+      s = subsample_shortcut(x, self.out_features) if self.stride == 2 else jnp.pad(
+          x, ((0, 0), (0, 0), (0, 0), (0, self.out_features - x.shape[-1])))
+    else:
+      s = x
+    return nnx.relu(s + f)
+
+
+class ResNet(nnx.Module):
+  """CIFAR ResNet: stem conv-BN-ReLU, 3 stages × n :class:`BasicBlock`, global average pool,
+  dense classifier (He et al. 2016, §4.2). Train/eval mode as :class:`VGG`."""
+
+  def __init__(self, n: int, num_classes: int, *, width: float = 1.0, option: str = "A",
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+               in_features: int = 3, rngs: nnx.Rngs):
+    if width <= 0:
+      raise ValueError(f"width must be positive, got {width}")
+    if option not in ("A", "B"):
+      raise ValueError(f"option must be 'A' or 'B', got {option!r}")
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    stages = [scaled_channels(c, width) for c in RESNET_STAGES]
+    self.stem = ConvBN(in_features, stages[0], **kw)
+    units, cin = [], stages[0]
+    for i, cout in enumerate(stages):
+      for j in range(n):
+        stride = 2 if i > 0 and j == 0 else 1
+        units.append(BasicBlock(cin, cout, stride=stride, option=option, **kw))
+        cin = cout
+    self.units = nnx.List(units)
+    self.classifier = nnx.Linear(cin, num_classes, dtype=dtype, param_dtype=param_dtype,
+                                 rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.stem(x.astype(self.dtype))
+    for unit in self.units:
+      x = unit(x)
+    return self.classifier(x.mean(axis=(1, 2))).astype(jnp.float32)
+
+
+def resnet(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float32, *,
+           rngs: nnx.Rngs, param_dtype: Any = jnp.float32) -> ResNet:
+  """ResNet-20/32/44/56/110 for 32×32 inputs; a trailing ``b`` selects option-B shortcuts.
+
+  Args:
+    name: e.g. ``"resnet20"`` (option A: parameter-free subsampling shortcuts, as in He et
+      al.'s CIFAR experiments) or ``"resnet20b"`` (option B: 1×1 stride-2 conv + BatchNorm).
+    num_classes: size of the classifier's output.
+    width: channel multiplier on 16-32-64.
+    dtype: compute dtype; ``param_dtype``: parameter dtype.
+    rngs: initialization randomness.
+
+  Returns:
+    A :class:`ResNet` in training mode.
+  """
+  key = name.lower()
+  option = "B" if key.endswith("b") else "A"
+  depth = key[:-1] if option == "B" else key
+  if depth not in RESNET_DEPTHS:
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+  return ResNet(RESNET_DEPTHS[depth], num_classes, width=width, option=option, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs)
+
+
+def create(name: str, num_classes: int, width: float = 1.0, dtype: Any = jnp.float32, *,
+           rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+           small_map_conv: Optional[bool] = None) -> nnx.Module:
+  """Any model of :data:`MODELS` by name (``small_map_conv`` only concerns the VGGs)."""
+  if name.lower() in CFGS:
+    return vgg(name, num_classes, width, dtype, rngs=rngs, param_dtype=param_dtype,
+               small_map_conv=small_map_conv)
+  return resnet(name, num_classes, width, dtype, rngs=rngs, param_dtype=param_dtype)
