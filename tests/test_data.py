@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import data
+from train import data, pipeline
 
 SAMPLE_ARCHIVE = data.SAMPLE_DIR / "cifar-10-python.tar.gz"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -564,10 +564,10 @@ def test_probe_on_loopback():
 
 
 def test_normalize(reference):
-  mean, std = (np.array(s) for s in data.CHANNEL_STATS["cifar10"])
+  mean, std = (np.array(s) for s in pipeline.CHANNEL_STATS["cifar10"])
   pixel = jnp.asarray(np.round(255 * (mean + std)).astype(np.uint8)).reshape(1, 1, 1, 3)
-  np.testing.assert_allclose(data.normalize(pixel), np.ones((1, 1, 1, 3)), atol=0.01)
-  out = jax.jit(data.normalize, static_argnums=(1, 2))(
+  np.testing.assert_allclose(pipeline.normalize(pixel), np.ones((1, 1, 1, 3)), atol=0.01)
+  out = jax.jit(pipeline.normalize, static_argnums=(1, 2))(
       jnp.asarray(reference.train_images), "cifar10", jnp.bfloat16)
   chex.assert_type(out, jnp.bfloat16)
   chex.assert_shape(out, reference.train_images.shape)
@@ -580,7 +580,7 @@ def test_augment_outputs_are_shifted_flipped_windows():
   # Every pixel value is distinct and nonzero, so a window of the padded image is identifiable.
   image = 1 + jnp.arange(32 * 32 * 3, dtype=jnp.float32).reshape(32, 32, 3)
   batch = jnp.broadcast_to(image, (64, 32, 32, 3))
-  out = np.asarray(jax.jit(data.augment)(jax.random.key(0), batch))
+  out = np.asarray(jax.jit(pipeline.augment)(jax.random.key(0), batch))
   padded = np.pad(np.asarray(image), ((4, 4), (4, 4), (0, 0)))
   seen = set()
   for crop in out:
@@ -596,7 +596,7 @@ def test_augment_outputs_are_shifted_flipped_windows():
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32, jnp.bfloat16])
 def test_augment_keeps_shape_and_dtype(dtype):
   images = jnp.ones((5, 32, 32, 3), dtype)
-  out = jax.jit(data.augment)(jax.random.key(1), images)
+  out = jax.jit(pipeline.augment)(jax.random.key(1), images)
   chex.assert_shape(out, images.shape)
   chex.assert_type(out, dtype)
 
@@ -605,8 +605,8 @@ def test_augment_keyed_by_seed_and_epoch(reference):
   images = jnp.asarray(reference.train_images[:32])
 
   def run(seed, epoch, step=0):
-    _, augment_key = data.epoch_keys(seed, epoch)
-    return np.asarray(data.augment(jax.random.fold_in(augment_key, step), images))
+    _, augment_key = pipeline.epoch_keys(seed, epoch)
+    return np.asarray(pipeline.augment(jax.random.fold_in(augment_key, step), images))
 
   np.testing.assert_array_equal(run(0, 3), run(0, 3))
   assert not np.array_equal(run(0, 3), run(0, 4))
@@ -621,21 +621,21 @@ def test_augment_on_a_batch_sharded_dataset(axis_type, reference):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
   images = jnp.asarray(reference.train_images[:64])
   key = jax.random.key(7)
-  sharded = jax.jit(data.augment)(key, jax.device_put(images, sharding))
+  sharded = jax.jit(pipeline.augment)(key, jax.device_put(images, sharding))
   assert sharded.sharding.spec[0] == "batch"
-  np.testing.assert_array_equal(sharded, jax.jit(data.augment)(key, images))
+  np.testing.assert_array_equal(sharded, jax.jit(pipeline.augment)(key, images))
 
 
 def test_epoch_permutation_and_batches():
-  perm = data.epoch_permutation(0, 2, 10)
+  perm = pipeline.epoch_permutation(0, 2, 10)
   np.testing.assert_array_equal(np.sort(perm), np.arange(10))
-  np.testing.assert_array_equal(perm, data.epoch_permutation(0, 2, 10))
-  np.testing.assert_array_equal(perm, jax.jit(data.epoch_permutation, static_argnums=2)(0, 2, 10))
-  assert not np.array_equal(perm, data.epoch_permutation(0, 3, 10))
-  assert not np.array_equal(perm, data.epoch_permutation(1, 2, 10))
+  np.testing.assert_array_equal(perm, pipeline.epoch_permutation(0, 2, 10))
+  np.testing.assert_array_equal(perm, jax.jit(pipeline.epoch_permutation, static_argnums=2)(0, 2, 10))
+  assert not np.array_equal(perm, pipeline.epoch_permutation(0, 3, 10))
+  assert not np.array_equal(perm, pipeline.epoch_permutation(1, 2, 10))
 
-  idx = jax.jit(data.batch_indices, static_argnums=1)(perm, 3)
+  idx = jax.jit(pipeline.batch_indices, static_argnums=1)(perm, 3)
   chex.assert_shape(idx, (3, 3))  # 10 // 3 steps; the last example is dropped
   np.testing.assert_array_equal(idx.ravel(), perm[:9])
   with pytest.raises(ValueError, match="batch size 11 exceeds the 10 examples"):
-    data.batch_indices(perm, 11)
+    pipeline.batch_indices(perm, 11)

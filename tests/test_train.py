@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train import cifar, models, table1
+from train import cifar, cli, models, pipeline, records, table1, table1_report
+from train import config as config_lib, state as state_lib, steps as steps_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CIFAR_PY = str(REPO / "train" / "cifar.py")
@@ -60,7 +61,7 @@ def _cli(args, devices: int = 1, **kw) -> subprocess.Popen:
 
 def _results(workdir) -> list:
   """metrics.jsonl without the timing fields."""
-  return [{k: h[k] for k in RESULT_KEYS} for h in cifar.read_metrics(str(workdir))]
+  return [{k: h[k] for k in RESULT_KEYS} for h in records.read_metrics(str(workdir))]
 
 
 def _batch(n=32, seed=0):
@@ -77,8 +78,8 @@ def _out_shape(model, x):
 
 
 def _setup(optimizer, width=1 / 16, **kw):
-  config = cifar.Config(optimizer=optimizer, width=width, epochs=1, **kw).resolved()
-  return cifar.create_train_state(config, 10, steps_per_epoch=100)
+  config = config_lib.Config(optimizer=optimizer, width=width, epochs=1, **kw).resolved()
+  return state_lib.create_train_state(config, 10, steps_per_epoch=100)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,11 +117,11 @@ def test_vgg_width_and_bf16():
 # Steps
 
 
-@pytest.mark.parametrize("optimizer", cifar.OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", config_lib.OPTIMIZERS)
 def test_steps_lower_loss_on_fixed_batch(optimizer):
   setup, state = _setup(optimizer)
   x, y = _batch()
-  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  step = jax.jit(lambda s: steps_lib.train_step(s, x, y, setup=setup))
   losses = []
   for _ in range(6):
     state, m = step(state)
@@ -133,7 +134,7 @@ def test_steps_lower_loss_on_fixed_batch(optimizer):
 def test_eval_uses_running_statistics():
   setup, state = _setup("sgd")
   x, y = _batch()
-  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  step = jax.jit(lambda s: steps_lib.train_step(s, x, y, setup=setup))
   for _ in range(3):
     state, _ = step(state)
   bn = state["batch_stats"]["blocks"][0]["bn"]
@@ -161,10 +162,10 @@ def test_eval_uses_running_statistics():
   assert not np.allclose(train_out, full[:4], atol=1e-3)
   # eval_step sums over the masked examples only.
   mask = jnp.arange(32) < 20
-  sums = cifar.eval_step(state, x, y, mask, setup=setup)
+  sums = steps_lib.eval_step(state, x, y, mask, setup=setup)
   assert float(sums["count"]) == 20
   np.testing.assert_allclose(
-      float(sums["loss"]), float(cifar.cross_entropy(full, y)[:20].sum()), rtol=1e-5)
+      float(sums["loss"]), float(steps_lib.cross_entropy(full, y)[:20].sum()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["scale_amended"])
@@ -178,15 +179,15 @@ def test_sharded_step_matches_single_device(optimizer):
   assert jax.device_count() == 4
   setup, state0 = _setup(optimizer)
   x, y = _batch(32)
-  meshes = [cifar.make_mesh(jax.devices()[:1]), cifar.make_mesh(jax.devices())]
-  steps = [cifar.make_train_step(setup, mesh) for mesh in meshes]
+  meshes = [pipeline.make_mesh(jax.devices()[:1]), pipeline.make_mesh(jax.devices())]
+  steps = [steps_lib.make_train_step(setup, mesh) for mesh in meshes]
   trained = state0
   for _ in range(3):
-    trained, _ = steps[0](cifar.replicate(trained, meshes[0]), x, y)
+    trained, _ = steps[0](pipeline.replicate(trained, meshes[0]), x, y)
   for start in (state0, jax.device_get(trained)):
     results = []
     for mesh, step in zip(meshes, steps):
-      state, m = step(cifar.replicate(start, mesh), x, y)
+      state, m = step(pipeline.replicate(start, mesh), x, y)
       leaf = jax.tree.leaves(state["params"])[0]
       assert leaf.sharding.mesh.devices.size == mesh.devices.size
       assert leaf.sharding.is_fully_replicated
@@ -205,7 +206,7 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
   nothing about the pipeline); the loss sums and BatchNorm running averages still depend on
   which images every step saw and how they were augmented.
   """
-  config = cifar.Config(width=1 / 16, epochs=2, batch_size=32, seed=3, lr=0.0).resolved()
+  config = config_lib.Config(width=1 / 16, epochs=2, batch_size=32, seed=3, lr=0.0).resolved()
   rng = np.random.default_rng(0)
   arrays = (rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, 96).astype(np.int32),
@@ -214,13 +215,13 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
   outs = []
   for devices, per_call in ((jax.devices()[:1], 1), (jax.devices(), 1),
                             (jax.devices()[:1], 0)):
-    mesh = cifar.make_mesh(devices)
-    data = cifar._Data(*cifar.replicate(arrays, mesh), 96, 36, 10, "random")
-    setup, state = cifar.create_train_state(config, 10, 3)
-    runner = cifar.EpochRunner(setup, mesh, config, data, 3, 20, steps_per_call=per_call)
+    mesh = pipeline.make_mesh(devices)
+    data = pipeline.DeviceData(*pipeline.replicate(arrays, mesh), 96, 36, 10, "random")
+    setup, state = state_lib.create_train_state(config, 10, 3)
+    runner = steps_lib.EpochRunner(setup, mesh, config, data, 3, 20, steps_per_call=per_call)
     assert len(runner.train_plan) == (3 if per_call == 1 else 1)
     assert len(runner.eval_plan) == (2 if per_call == 1 else 1)
-    state = cifar.replicate(state, mesh)
+    state = pipeline.replicate(state, mesh)
     state, train_sums = runner.train_epoch(state, 0)
     state, train_sums = runner.train_epoch(state, 1)
     assert int(state["step"]) == 6
@@ -232,29 +233,29 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
 
 
 def test_schedules():
-  cfg = cifar.Config(epochs=8).resolved()
-  sched = cifar.create_schedule(cfg, 10)
+  cfg = config_lib.Config(epochs=8).resolved()
+  sched = state_lib.create_schedule(cfg, 10)
   np.testing.assert_allclose([sched(0), sched(39), sched(40), sched(59), sched(60)],
                              [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
-  cos = cifar.create_schedule(cifar.Config(epochs=8, schedule="cosine").resolved(), 10)
+  cos = state_lib.create_schedule(config_lib.Config(epochs=8, schedule="cosine").resolved(), 10)
   np.testing.assert_allclose([cos(0), cos(40), cos(80)], [0.1, 0.05, 0.0], atol=1e-7)
-  assert cifar.Config(optimizer="lars").resolved().lr == 2.0
-  assert cifar.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
+  assert config_lib.Config(optimizer="lars").resolved().lr == 2.0
+  assert config_lib.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
 
 
 def test_cpu_xla_flags_added_without_overriding_the_users():
   env = {}
-  cifar.set_cpu_xla_flags(env)
-  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
-  cifar.set_cpu_xla_flags(env)  # idempotent
-  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
+  cli.set_cpu_xla_flags(env)
+  assert env["XLA_FLAGS"].split() == list(cli.CPU_XLA_FLAGS)
+  cli.set_cpu_xla_flags(env)  # idempotent
+  assert env["XLA_FLAGS"].split() == list(cli.CPU_XLA_FLAGS)
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  cifar.set_cpu_xla_flags(env)
+  cli.set_cpu_xla_flags(env)
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
-                                      *cifar.CPU_XLA_FLAGS]
+                                      *cli.CPU_XLA_FLAGS]
   mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
   env = {"XLA_FLAGS": mine}
-  cifar.set_cpu_xla_flags(env)
+  cli.set_cpu_xla_flags(env)
   assert env["XLA_FLAGS"] == mine  # the user's own value wins
 
 
@@ -294,7 +295,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     p = _cli(args + ["--workdir", str(workdir)])
     deadline = time.time() + 180
     while p.poll() is None and time.time() < deadline:
-      if len(cifar.read_metrics(str(workdir))) >= kill_after:
+      if len(records.read_metrics(str(workdir))) >= kill_after:
         time.sleep(0.15 * kill_after)  # land somewhere inside the next epoch/checkpoint
         os.kill(p.pid, signal.SIGKILL)
         kills += 1
@@ -302,7 +303,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
       time.sleep(0.02)
     p.communicate(timeout=60)
     # After the crash: metrics hold epochs 1..k exactly, none past the last checkpoint.
-    history = cifar.read_metrics(str(workdir))
+    history = records.read_metrics(str(workdir))
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     done = _checkpoint_dirs_complete(workdir, allow_tmp=True)
     assert len(history) <= (done[-1] if done else 0)
@@ -330,7 +331,7 @@ def test_two_process_distributed_run(tmp_path):
                    "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
   procs = [_cli(common + ["--process-id", str(i)], devices=2) for i in range(2)]
   # Meanwhile the reference in this process (4 devices, the same global batches).
-  config = cifar.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
+  config = config_lib.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
                         data_dir="sample", epochs=2)
   ref = cifar.train_and_evaluate(config, str(tmp_path / "single"), progress=False)
   outs = [p.communicate(timeout=240) for p in procs]
@@ -351,7 +352,7 @@ def test_bad_input_clear_errors(tmp_path):
   (corrupt / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b not really a tarball")
   other = tmp_path / "other"
   other.mkdir()
-  stored = cifar.Config(width=0.0625, seed=7, data_dir="sample").resolved()
+  stored = config_lib.Config(width=0.0625, seed=7, data_dir="sample").resolved()
   (other / "config.json").write_text(json.dumps(stored.to_json()))
   cases = {
       "missing": (TINY[:-3] + ["--data-dir", str(tmp_path / "nowhere"), "--no-progress",
@@ -391,18 +392,18 @@ def test_table1_report_from_finished_runs(tmp_path):
   assert args.width == 0.125 and args.models == ["vgg11"] and args.allow_subset
   assert args.data_dir.endswith("shared/data/cifar10-mini")
   for i, (seed, opt) in enumerate([(0, "sgd"), (1, "sgd"), (0, "scale_amended")]):
-    w = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", opt, seed)
+    w = tmp_path / "runs" / table1_report.run_name("cifar10", "vgg11", opt, seed)
     w.mkdir(parents=True)
     lines = [{"epoch": e, "test_acc": 0.1 * (e + i), "seconds": 1.0} for e in (1, 2)]
     (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
-  unfinished = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", "scale_amended", 1)
+  unfinished = tmp_path / "runs" / table1_report.run_name("cifar10", "vgg11", "scale_amended", 1)
   unfinished.mkdir()
   (unfinished / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.9}) + "\n")
   assert table1.main(["--mini", "--optimizers", "sgd", "scale_amended", "--seeds", "0", "1",
                       "--epochs", "2", "--workdir-root", str(tmp_path / "runs"), "--out",
                       str(tmp_path / "out"), "--report-only"]) == 0
   text = (tmp_path / "out" / "table1.md").read_text()
-  assert table1.MINI_LABEL in text
+  assert table1_report.MINI_LABEL in text
   assert "| SGD | 25.00 [20.00, 30.00] (92.34) |" in text
   assert "| scale-amended | 40.00 [40.00, 1 seed(s) missing] (92.45) |" in text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
@@ -494,24 +495,24 @@ def test_resume_by_data_identity_extension_and_compilation_cache(tmp_path):
 
 
 def test_resume_checks_data_identity_and_schedule(tmp_path):
-  config = cifar.Config(width=0.0625, epochs=10, data_dir="sample").resolved()
+  config = config_lib.Config(width=0.0625, epochs=10, data_dir="sample").resolved()
   ident = {"dataset": "cifar10", "kind": "sample", "checksum": "a" * 32, "train_images": 1000,
            "test_images": 200}
   stored = {**config.to_json(), "data": ident}
-  cifar.check_data(stored, config, dict(ident), "w")  # same checksum, any path: accepted
-  with pytest.raises(cifar.UsageError, match="other data"):
-    cifar.check_data(stored, config, {**ident, "checksum": "b" * 32}, "w")
+  records.check_data(stored, config, dict(ident), "w")  # same checksum, any path: accepted
+  with pytest.raises(config_lib.UsageError, match="other data"):
+    records.check_data(stored, config, {**ident, "checksum": "b" * 32}, "w")
   # Step decay: the boundaries move with the total, so only epochs before both may be kept.
-  longer = cifar.Config(width=0.0625, epochs=20, data_dir="sample").resolved()
-  assert "epochs 10 -> 20" in cifar.check_epochs(stored, longer, 4, 7, "w")
-  with pytest.raises(cifar.UsageError, match="learning rate of trained epoch 6 would be 0.1 "
+  longer = config_lib.Config(width=0.0625, epochs=20, data_dir="sample").resolved()
+  assert "epochs 10 -> 20" in records.check_epochs(stored, longer, 4, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="learning rate of trained epoch 6 would be 0.1 "
                      "instead of 0.01"):
-    cifar.check_epochs(stored, longer, 10, 7, "w")
+    records.check_epochs(stored, longer, 10, 7, "w")
   cosine = {**stored, "schedule": "cosine"}
-  with pytest.raises(cifar.UsageError, match="cannot be extended"):
-    cifar.check_epochs(cosine, dataclasses.replace(longer, schedule="cosine"), 1, 7, "w")
-  with pytest.raises(cifar.UsageError, match="already trained 10 epochs"):
-    cifar.check_epochs(stored, dataclasses.replace(longer, epochs=5), 10, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="cannot be extended"):
+    records.check_epochs(cosine, dataclasses.replace(longer, schedule="cosine"), 1, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="already trained 10 epochs"):
+    records.check_epochs(stored, dataclasses.replace(longer, epochs=5), 10, 7, "w")
 
 
 def test_help_shows_defaults():
