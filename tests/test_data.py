@@ -221,11 +221,13 @@ def test_full_extracted_cifar10_is_md5_verified(tmp_path):
   batch = pickle.loads((FULL_C10_DIR / "test_batch").read_bytes(), encoding="latin1")
   batch["data"][0, 0] ^= 1
   (copy / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
-  with pytest.raises(data.DataError, match=f"{copy / 'test_batch'}: MD5 [0-9a-f]{{32}}, "
-                     "expected 40351d587109b95175f43aff81a1287e .*--allow-subset"):
-    data.load_cifar("cifar10", copy)
-  modified = data.load_cifar("cifar10", copy, allow_subset=True)
-  assert "1 of 6 files differ" in modified.source and modified.checksum != full.checksum
+  # With the official 10000 images it is a damaged copy, not a subset: refused either way.
+  for allow_subset in (False, True):
+    with pytest.raises(data.DataError, match=f"{copy / 'test_batch'}: MD5 [0-9a-f]{{32}}, "
+                       "expected 40351d587109b95175f43aff81a1287e .*holds the official 10000 "
+                       "images: the file is corrupted or modified, not a subset") as e:
+      data.load_cifar("cifar10", copy, allow_subset=allow_subset)
+    assert "allow-subset" not in str(e.value)
   # The subset an accelerator run carries (data_batch_1 and test_batch), as is.
   carried = tmp_path / "carried" / "cifar-10-batches-py"
   carried.mkdir(parents=True)
@@ -325,6 +327,40 @@ def test_foreign_pickle_cannot_run_code(tmp_path):
   with pytest.raises(data.DataError, match="data_batch_2: not a CIFAR batch pickle.*refusing"):
     data.load_cifar("cifar10", directory, allow_subset=True)
   assert not marker.exists()
+
+
+@pytest.mark.parametrize("allow_subset", [False, True])
+def test_damaged_file_of_full_size_is_refused_even_with_allow_subset(allow_subset, tmp_path,
+                                                                      monkeypatch):
+  """A batch file with the official image count and another MD5 is corruption: --allow-subset
+  (for fewer images or files) cannot help, and the error does not suggest it."""
+  directory = c10_python_dir(tmp_path)
+  path = directory / "data_batch_3"
+  batch = pickle.loads(path.read_bytes(), encoding="latin1")
+  # Let the sample's files stand for the official ones: their MD5s and image counts.
+  counts = data.load_cifar("cifar10", directory, allow_subset=True)
+  monkeypatch.setattr(data, "OFFICIAL_COUNTS", (len(counts.train_labels),
+                                                len(counts.test_labels)))
+  md5s = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in directory.iterdir()
+          if f.name in data.OFFICIAL_FILE_MD5["cifar-10-batches-py"]}
+  monkeypatch.setitem(data.OFFICIAL_FILE_MD5, "cifar-10-batches-py", md5s)
+  assert "per-file MD5 verified" in data.load_cifar("cifar10", directory).source
+  key = {k.decode() if isinstance(k, bytes) else k: k for k in batch}  # py2 or py3 keys
+  batch[key["data"]][0, :2] ^= 0xFF  # two pixel bytes flipped
+  path.write_bytes(pickle.dumps(batch, protocol=2))
+  with pytest.raises(data.DataError, match=f"{path}: MD5 [0-9a-f]{{32}}, expected "
+                     f"{md5s['data_batch_3']} .*holds "
+                     f"the official {len(batch[key['labels']])} images: the file is corrupted") as e:
+    data.load_cifar("cifar10", directory, allow_subset=allow_subset)
+  assert "allow-subset" not in str(e.value)
+
+
+def test_junk_under_an_official_name_does_not_suggest_allow_subset(tmp_path):
+  directory = c10_python_dir(tmp_path)
+  (directory / "data_batch_2").write_bytes(b"\x80\x02 junk")
+  with pytest.raises(data.DataError, match="data_batch_2: not a CIFAR batch pickle") as e:
+    data.load_cifar("cifar10", directory)
+  assert "allow-subset" not in str(e.value)
 
 
 @pytest.mark.parametrize("name, blob, match", [

@@ -310,7 +310,7 @@ def load_cifar(
   if path.is_dir():
     train_names, absent = _present_train_files(path, fmt, allow_subset)
     files = {name: _read_file(path / name) for name in train_names + fmt.test}
-    checked, separator = _verify_files(path, fmt, files, dataset, allow_subset), "/"
+    checked, separator = _verify_files(path, fmt, spec, files, dataset, allow_subset), "/"
     if absent:
       checked += f"; {', '.join(absent)} absent"
   else:
@@ -358,9 +358,20 @@ def _present_train_files(path: pathlib.Path, fmt: _Format, allow_subset: bool) -
   return tuple(name for name in fmt.train if name not in absent), absent
 
 
-def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dataset: str,
-                  allow_subset: bool) -> str:
-  """Checks extracted files against their published MD5s; returns how they were checked."""
+def _official_images(fmt: _Format, name: str) -> int:
+  """How many images the official file ``name`` holds (10000 for every CIFAR-10 batch)."""
+  train, test = OFFICIAL_COUNTS
+  return train // len(fmt.train) if name in fmt.train else test // len(fmt.test)
+
+
+def _verify_files(path: pathlib.Path, fmt: _Format, spec: _Spec, files: dict[str, bytes],
+                  dataset: str, allow_subset: bool) -> str:
+  """Checks extracted files against their published MD5s; returns how they were checked.
+
+  A file that differs is a subset only if it holds fewer (or more) images than the official
+  one; with the official count it is a damaged copy, refused with or without
+  ``allow_subset``, as is one that is not a CIFAR batch at all (:func:`_parse`'s error).
+  """
   published = OFFICIAL_FILE_MD5.get(fmt.directory)
   if published is None:
     return ("extracted directory: structure and labels checked; the binary version has no "
@@ -369,6 +380,14 @@ def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dat
             if (md5 := hashlib.md5(blob).hexdigest()) != published[name]]
   if not differ:
     return f"extracted official files, per-file MD5 verified ({len(files)} files)"
+  for name, md5, expected in differ:
+    where = portable_path(path / name)
+    count = len(_parse(files[name], where, spec, fmt)[1])
+    if count == _official_images(fmt, name):
+      raise DataError(
+          f"{where}: MD5 {md5}, expected {expected} (the official {dataset} file), yet it "
+          f"holds the official {count} images: the file is corrupted or modified, not a "
+          "subset; restore it from the official archive")
   if not allow_subset:
     name, md5, expected = differ[0]
     more = f"; {len(differ) - 1} more of its {len(files)} files differ" if len(differ) > 1 else ""
