@@ -207,7 +207,7 @@ def _state(model: str, width: float, optimizer: str, dtype: str = "float32",
   # pylint: disable-next=import-outside-toplevel
   from train import config as config_lib, state as state_lib
   config = config_lib.Config(model=model, width=width, optimizer=optimizer, batch_size=BATCH,
-                        compute_dtype=dtype, epochs=1).resolved()
+                             compute_dtype=dtype, epochs=1).resolved()
   setup, state = state_lib.create_train_state(config, NUM_CLASSES, steps_per_epoch)
   return config, setup, state
 
@@ -393,9 +393,9 @@ def training_run(data_dir: str, allow_subset: bool, model: str, width: float, ep
                  test_subset: Optional[int] = None) -> dict:
   from train import cifar, config as config_lib  # pylint: disable=import-outside-toplevel
   config = config_lib.Config(dataset="cifar10", model=model, width=width, epochs=epochs,
-                        batch_size=BATCH, optimizer="scale_amended", compute_dtype=dtype,
-                        data_dir=data_dir, allow_subset=allow_subset,
-                        train_subset=train_subset, test_subset=test_subset)
+                             batch_size=BATCH, optimizer="scale_amended", compute_dtype=dtype,
+                             data_dir=data_dir, allow_subset=allow_subset,
+                             train_subset=train_subset, test_subset=test_subset)
   with tempfile.TemporaryDirectory(prefix="accelerator_check_") as workdir:
     t0 = _now()
     history = cifar.train_and_evaluate(config, workdir, progress=False)
@@ -484,16 +484,18 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser() -> argparse.ArgumentParser:
+  from train import cli  # pylint: disable=import-outside-toplevel
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke run: VGG11 only at width 1/16, 2 scanned steps, 1 rep, one "
                       "training epoch on at most 256 train / 200 test images")
   p.add_argument("--models", default=None, help="default vgg11,vgg16; quick vgg11")
   p.add_argument("--width", type=float, default=None, help="throughput width; default 1, "
                                                            "quick 0.0625")
-  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--dtypes", default="float32,bfloat16",
+                 help=f"comma-separated compute dtypes of the throughput section "
+                      f"({', '.join(DTYPES)})")
   p.add_argument("--steps", type=int, default=None,
                  help="training steps per scanned call; default 20, quick 2")
   p.add_argument("--reps", type=int, default=None, help="timed calls per optimizer (after "
@@ -506,10 +508,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="CIFAR-10 for the training run (as train/cifar.py --data-dir; 'sample' "
                       "for the shipped sample); none: no training run")
   p.add_argument("--allow-subset", action="store_true", help="as train/cifar.py")
-  p.add_argument("--train-model", default="vgg11")
+  p.add_argument("--train-model", default="vgg11", help="VGG-BN of the training run")
   p.add_argument("--train-width", type=float, default=None, help="default 1, quick 0.0625")
   p.add_argument("--train-epochs", type=int, default=None, help="default 2, quick 1")
-  p.add_argument("--train-dtype", choices=DTYPES, default="float32")
+  p.add_argument("--train-dtype", choices=DTYPES, default="float32",
+                 help="compute dtype of the training run")
   p.add_argument("--train-subset", type=int, default=None,
                  help="train on the first N images only (as train/cifar.py); quick 256")
   p.add_argument("--budget-s", type=float, default=None,
@@ -523,18 +526,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="compile everything afresh (compile times as on a fresh machine)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="directory for accelerator_<platform>.md and .json")
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, every one checked here (exit 2, one line), before any device work."""
+  p = make_parser()
   args = p.parse_args(argv)
   q = args.quick
-  args.models = args.models or ("vgg11" if q else "vgg11,vgg16")
-  args.width = args.width if args.width is not None else (0.0625 if q else 1.0)
-  args.steps = args.steps or (2 if q else 20)
-  args.reps = args.reps or (1 if q else 5)
-  args.check_width = args.check_width or (0.0625 if q else 0.25)
-  args.train_width = args.train_width or (0.0625 if q else 1.0)
-  args.train_epochs = args.train_epochs or (1 if q else 2)
-  args.train_subset = args.train_subset or (256 if q else None)
-  if args.budget_s is None:
-    args.budget_s = math.inf if q else 420.0
+  defaults = dict(models="vgg11" if q else "vgg11,vgg16", width=0.0625 if q else 1.0,
+                  steps=2 if q else 20, reps=1 if q else 5, check_width=0.0625 if q else 0.25,
+                  train_width=0.0625 if q else 1.0, train_epochs=1 if q else 2,
+                  train_subset=256 if q else None, budget_s=math.inf if q else 420.0)
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  for name in ("width", "check_width", "train_width", "budget_s"):
+    value = getattr(args, name)
+    if not (value > 0 and (math.isfinite(value) or name == "budget_s")):
+      p.error(f"--{name.replace('_', '-')} must be a positive number (got {value:g})")
+  for name in ("steps", "reps", "train_epochs", "matmul_n", "train_subset"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
   dtypes = [d for d in args.dtypes.split(",") if d]
   bad = [d for d in dtypes if d not in DTYPES]
   if bad:
@@ -555,7 +569,7 @@ def main(argv=None) -> int:
   cache = None
   if not args.no_compilation_cache:
     cache = cli.enable_compilation_cache(args.compilation_cache_dir
-                                           or cli.default_compilation_cache_dir())
+                                         or cli.default_compilation_cache_dir())
   t_start = _now()
   report: dict = {"quick": args.quick, "compilation_cache": cache is not None,
                   "args": {k: v for k, v in vars(args).items()
