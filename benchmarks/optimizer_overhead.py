@@ -267,9 +267,10 @@ def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jn
   from train import config as config_lib, state as state_lib, steps as steps_lib
   dtype_name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype]
   config = config_lib.Config(model=model_name, width=width, optimizer=optimizer,
-                        batch_size=BATCH, compute_dtype=dtype_name).resolved()
+                             lr=config_lib.PAPER_SETTINGS[optimizer][0],
+                             batch_size=BATCH, compute_dtype=dtype_name).resolved()
   setup, state = state_lib.create_train_state(config, NUM_CLASSES, 390,
-                                          small_map_conv=small_map_conv)
+                                              small_map_conv=small_map_conv)
   step = functools.partial(steps_lib.train_step, setup=setup)
   return step, state, "train.steps.train_step (the trainer's step)"
 

@@ -239,7 +239,8 @@ def test_schedules():
                              [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
   cos = state_lib.create_schedule(config_lib.Config(epochs=8, schedule="cosine").resolved(), 10)
   np.testing.assert_allclose([cos(0), cos(40), cos(80)], [0.1, 0.05, 0.0], atol=1e-7)
-  assert config_lib.Config(optimizer="lars").resolved().lr == 2.0
+  assert config_lib.Config(optimizer="lars").resolved().lr == 4.0  # chosen on validation
+  assert config_lib.PAPER_SETTINGS["lars"] == (2.0, 1e-3)  # the paper's stays named
   assert config_lib.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
 
 
@@ -332,7 +333,7 @@ def test_two_process_distributed_run(tmp_path):
   procs = [_cli(common + ["--process-id", str(i)], devices=2) for i in range(2)]
   # Meanwhile the reference in this process (4 devices, the same global batches).
   config = config_lib.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
-                        data_dir="sample", epochs=2)
+                             data_dir="sample", epochs=2)
   ref = cifar.train_and_evaluate(config, str(tmp_path / "single"), progress=False)
   outs = [p.communicate(timeout=240) for p in procs]
   for p, (out, err) in zip(procs, outs):
@@ -542,3 +543,118 @@ def test_spec_tree_of_another_model_fails_at_init():
   tx.init(shapes["vgg11"][1])  # its own model: fine (abstract params)
   with pytest.raises(ValueError, match="the spec tree does not match the params"):
     tx.init(shapes["vgg13"][1])
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 20: a newcomer's first hour
+
+
+def _decays(config, steps_per_epoch):
+  """The steps where the learning rate drops, and the final learning rate."""
+  sched = state_lib.create_schedule(config, steps_per_epoch)
+  lrs = np.asarray(sched(np.arange(config.epochs * steps_per_epoch)))
+  return [int(i) + 1 for i in np.flatnonzero(np.diff(lrs))], float(lrs[-1])
+
+
+def test_step_decays_pinned_on_epochs_and_two_for_short_runs(tmp_path):
+  # Every committed and resumable run keeps its epoch-aligned decays (and its config).
+  for epochs, at in ((10, (5, 8)), (30, (15, 22)), (200, (100, 150)), (40, (20, 30))):
+    config = config_lib.Config(epochs=epochs).resolved()
+    assert config.decay_boundaries is None
+    decays, last = _decays(config, 391)
+    assert decays == [e * 391 for e in at], epochs
+    np.testing.assert_allclose(last, 1e-3, rtol=1e-5)
+  # 3 epochs: both epochs round to 2, so the decays fall at 50 % and 75 % of the steps.
+  short = config_lib.Config(epochs=3, data_dir="sample").resolved()
+  assert short.decay_boundaries == "steps"
+  decays, last = _decays(short, 7)
+  assert decays == [10, 15]
+  np.testing.assert_allclose(last, 1e-3, rtol=1e-5)
+  # A 3-epoch run stored before the field existed resumes with the schedule it started with.
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  stored = {k: v for k, v in short.to_json().items() if k != "decay_boundaries"}
+  (workdir / "config.json").write_text(json.dumps(stored))
+  resumed, _ = records.check_config(short, str(workdir))
+  assert resumed.decay_boundaries is None and _decays(resumed, 7)[0] == [14]
+
+
+def test_default_lrs_are_the_validated_ones_and_table1_keeps_the_papers(tmp_path):
+  defaults = {o: config_lib.Config(optimizer=o).resolved().lr for o in config_lib.OPTIMIZERS}
+  assert defaults == {"sgd": 0.1, "lars": 4.0, "lsalr": 0.1, "scale_amended": 0.03}
+  # The committed Table 1 runs stay resumable: the command table1.py gives each one yields a
+  # config its stored config.json accepts (the paper's lr passed explicitly).
+  runs = sorted((REPO / "train" / "results" / "table1_cpu_full" / "runs").glob("*.config.json"))
+  assert runs
+  args = table1.parse_args(["--cpu-full", "--workdir-root", str(tmp_path)])
+  for path in runs:
+    dataset, model, optimizer, seed = path.name.split(".")[0].split("-")
+    workdir = tmp_path / path.name.split(".")[0]
+    workdir.mkdir()
+    (workdir / "config.json").write_text(path.read_text())
+    cmd = table1.command(args, dataset, model, optimizer, int(seed[1:]), workdir)
+    config = config_lib.config_from_args(cifar.parse_args(cmd[2:])).resolved()
+    records.check_config(config, str(workdir))  # raises UsageError on any difference
+    assert config.lr == json.loads(path.read_text())["lr"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "vgg12"], "argument --model: invalid choice 'vgg12'; choose from vgg11, vgg13, "
+                           "vgg16, vgg19; see"),  # as near vgg11 as vgg13: no guess
+    (["--optimizer", "scale_ammended"], "did you mean 'scale_amended'?"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+    (None, "the following arguments are required: --workdir"),
+])
+def test_a_typo_is_one_line(flags, needle, capsys):
+  argv = ["--workdir", "w"] + flags if flags else []
+  with pytest.raises(SystemExit) as e:
+    cifar.parse_args(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err.count("\n") == 1 and err.startswith("train/cifar.py: error: "), err
+  assert needle in err and err.rstrip().endswith("see train/cifar.py --help")
+
+
+def test_help_shows_only_real_defaults(capsys):
+  with pytest.raises(SystemExit):
+    cifar.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "default: None" not in out and "(default: False)" not in out
+  assert out.count("default: tensorflow-datasets") == 1
+  assert "sgd 0.1, lars 4, lsalr 0.1, scale_amended 0.03" in out  # chosen on validation
+  assert "sgd 0.1, lars 2, lsalr 0.1, scale_amended 0.1" in out  # the paper's
+  assert "(default: 200)" in out
+
+
+def test_a_width_below_4_channels_is_refused(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  assert cifar.main(["--data-dir", "sample", "--width", "0.001", "--epochs", "1",
+                     "--no-progress", "--no-compilation-cache", "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert ("error: --width 0.001 leaves vgg11's narrowest convolution 1 channel(s) (of 64); at "
+          "least 4") in err and "--width 0.0547 or more" in err
+  assert not workdir.exists()
+  config_lib.validate_config(config_lib.Config(width=1 / 16).resolved())  # 4 channels: fine
+
+
+def test_a_failed_first_run_leaves_no_workdir(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  argv = ["--data-dir", str(tmp_path / "no-such-data"), "--epochs", "1", "--no-progress",
+          "--no-compilation-cache", "--workdir", str(workdir)]
+  assert cifar.main(argv) == 1  # the data fails after the workdir was made
+  assert "no-such-data" in capsys.readouterr().err
+  assert not workdir.exists()
+  workdir.mkdir()  # one that existed before the run is the user's: left as it was
+  (workdir / "notes").write_text("x")
+  assert cifar.main(argv) == 1
+  assert [p.name for p in workdir.iterdir()] == ["notes"]
+
+
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path):
+  p = _cli(TINY + ["--epochs", "1", "--workdir", str(tmp_path / "w")])
+  time.sleep(0.5)  # inside the imports (JAX takes seconds to load)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130, (p.returncode, err[-2000:])
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err
+

@@ -51,20 +51,24 @@ import time
 from typing import Optional
 
 try:  # Run as a script (python train/cifar.py) or as a module (python -m train.cifar).
-  from train import models
+  from train import cli
 except ImportError:  # pragma: no cover
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from train import models
+  from train import cli
+if __name__ == "__main__":  # Ctrl-C while JAX loads: one line and exit 130, no traceback
+  cli.exit_quietly_on_interrupt()
 
-import jax  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import numpy as np
 
 from train import data as data_lib
+from train import models
 from train import records
 from train.cli import (default_compilation_cache_dir, enable_compilation_cache, env_int,
                        set_cpu_xla_flags)
-from train.config import (DTYPES, NUM_CLASSES, OPTIMIZERS, Config, UsageError,
-                          config_from_args, validate_config)
+from train.config import (DEFAULT_SETTINGS, DTYPES, NUM_CLASSES, OPTIMIZERS, PAPER_SETTINGS,
+                          Config, UsageError, config_from_args, validate_config)
 from train.pipeline import DeviceData, load_data, make_mesh, pad_to, replicate
 from train.state import Setup, block_statistics, bn_momentum, create_train_state
 from train.steps import EpochRunner
@@ -99,31 +103,32 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   """
   config = config.resolved()
   _check_options(config, keep_checkpoints, eval_batch_size, steps_per_call)
-  stored = records.check_config(config, workdir)  # refuse another run's workdir early
-  records.prepare_workdir(workdir)  # a bad --workdir fails before the data loads
-  mesh = make_mesh()
-  eval_batch_size = pad_to(eval_batch_size, mesh.devices.size)
-  data = load_data(config, mesh, eval_batch_size)
-  steps_per_epoch = _steps_per_epoch(config, data)
-  _record_or_check_data(config, workdir, stored, data)
-  setup, state = create_train_state(config, data.num_classes, steps_per_epoch,
-                                    log_blocks=log_blocks)
-  mngr = records.checkpoint_manager(workdir, keep_checkpoints)
-  try:
-    extended = _allow_new_total(config, workdir, stored, data, mngr, steps_per_epoch)
-    state, history = _resume(mngr, replicate(state, mesh), workdir)
-    _log(_run_header(config, state, data, mesh, extended, len(history)))
-    if len(history) >= config.epochs:
-      _log(f"already finished: {len(history)}/{config.epochs} epochs trained, nothing to do "
-           "(a larger --epochs extends a --schedule constant run; --eval-only evaluates it)")
-      _summary(config, history, workdir, 0.0)
-      return history
-    runner = _compiled_runner(config, setup, mesh, data, state, steps_per_epoch,
-                              eval_batch_size, steps_per_call)
-    t0 = time.time()
-    history = _train_epochs(config, setup, runner, state, history, mngr, workdir, progress)
-  finally:
-    mngr.close()
+  config, stored = records.check_config(config, workdir)  # refuse another run's workdir early
+  created = records.prepare_workdir(workdir)  # a bad --workdir fails before the data loads
+  with records.removed_on_failure(workdir, created):  # a failed first run leaves nothing
+    mesh = make_mesh()
+    eval_batch_size = pad_to(eval_batch_size, mesh.devices.size)
+    data = load_data(config, mesh, eval_batch_size)
+    steps_per_epoch = _steps_per_epoch(config, data)
+    _record_or_check_data(config, workdir, stored, data)
+    setup, state = create_train_state(config, data.num_classes, steps_per_epoch,
+                                      log_blocks=log_blocks)
+    mngr = records.checkpoint_manager(workdir, keep_checkpoints)
+    try:
+      extended = _allow_new_total(config, workdir, stored, data, mngr, steps_per_epoch)
+      state, history = _resume(mngr, replicate(state, mesh), workdir)
+      _log(_run_header(config, state, data, mesh, extended, len(history)))
+      if len(history) >= config.epochs:
+        _log(f"already finished: {len(history)}/{config.epochs} epochs trained, nothing to do "
+             "(a larger --epochs extends a --schedule constant run; --eval-only evaluates it)")
+        _summary(config, history, workdir, 0.0)
+        return history
+      runner = _compiled_runner(config, setup, mesh, data, state, steps_per_epoch,
+                                eval_batch_size, steps_per_call)
+      t0 = time.time()
+      history = _train_epochs(config, setup, runner, state, history, mngr, workdir, progress)
+    finally:
+      mngr.close()
   _summary(config, history, workdir, time.time() - t0)
   return history
 
@@ -343,27 +348,37 @@ def evaluate_checkpoint(workdir: str, eval_batch_size: int = 500,
 # Command line
 
 
+def _settings_text(settings: dict, i: int) -> str:
+  return ", ".join(f"{name} {values[i]:g}" for name, values in settings.items())
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
+      prog="train/cifar.py",
       description="Train VGG-BN on CIFAR with SGD, LARS, LSALR or scale-amended SGD "
-                  "(Zhang, Chen & Liu 2018, Table 1). Rerunning the same command resumes.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                  "(Zhang, Chen & Liu 2018, Table 1). Rerunning the same command resumes.")
   p.add_argument("--dataset", choices=tuple(NUM_CLASSES), default="cifar10", help="dataset")
   p.add_argument("--model", choices=models.MODELS, default="vgg11", help="VGG-BN depth")
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                 help="optimizer, at the paper's settings unless --lr/--weight-decay are given")
+                 help="optimizer, at the learning rate chosen on validation and the paper's "
+                      "weight decay unless --lr/--weight-decay are given")
   p.add_argument("--epochs", type=int, default=200,
                  help="training epochs (a --schedule constant run can be extended later)")
   p.add_argument("--batch-size", type=int, default=128, help="global batch size")
   p.add_argument("--lr", type=float, default=None,
-                 help="peak learning rate; None: the paper's (sgd/lsalr/scale_amended 0.1, "
-                      "lars 2)")
+                 help="peak learning rate; default: the one chosen on a CIFAR-10 validation "
+                      "split (train/results/ablation_cifar10): "
+                      f"{_settings_text(DEFAULT_SETTINGS, 0)}, except lsalr, not screened "
+                      "there, at the paper's; the paper's own: "
+                      f"{_settings_text(PAPER_SETTINGS, 0)}")
   p.add_argument("--weight-decay", type=float, default=None,
-                 help="None: the paper's (1e-3; scale_amended 5e-3)")
+                 help="default: the paper's (1e-3; scale_amended 5e-3)")
   p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
   p.add_argument("--schedule", choices=("step", "cosine", "constant"), default="step",
                  help="step: ×0.1 at 50%% and 75%% of the epochs; cosine: to 0; constant")
-  p.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+  p.add_argument("--width", type=float, default=1.0,
+                 help="channel multiplier (the narrowest convolution keeps at least 4 "
+                      "channels: >= 0.0547 for VGG)")
   p.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32",
                  help="compute dtype; parameters stay float32")
   p.add_argument("--seed", type=int, default=0, help="initialization, shuffling, augmentation")
@@ -393,7 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="BatchNorm-gamma^2-aware scalars (gamma_aware=True) or not")
   g.add_argument("--sa-decay", choices=("before", "after"), default=None,
                  help="weight decay added before or after the scaling")
-  p.add_argument("--workdir", required=True, help="config, metrics and checkpoints")
+  p.add_argument("--workdir", required=True,
+                 help="config, metrics and checkpoints (required; rerun to resume)")
   p.add_argument("--eval-only", action="store_true",
                  help="evaluate the workdir's last checkpoint on the test split")
   p.add_argument("--eval-batch-size", type=int, default=500, help="evaluation batch size")
@@ -423,6 +439,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  cli.raise_on_interrupt()  # from here Ctrl-C is handled below (the checkpoints are kept)
   set_cpu_xla_flags()
   if not args.no_compilation_cache:
     enable_compilation_cache(args.compilation_cache_dir)
@@ -455,4 +472,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  status = main()
+  cli.exit_quietly_on_interrupt()  # Ctrl-C while JAX and orbax shut down: 130, one line
+  sys.exit(status)

@@ -7,10 +7,12 @@ checkpoint, so after any crash it holds exactly the checkpointed epochs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 from typing import Optional
 
 import jax
@@ -39,10 +41,12 @@ def finite_or_none(x):
 _LATE_FIELDS = ("data_dir", "epochs")
 
 
-def prepare_workdir(workdir: str) -> None:
-  """Creates ``workdir`` if needed and checks that it can be written (before any data loads)."""
+def prepare_workdir(workdir: str) -> bool:
+  """Creates ``workdir`` if needed and checks that it can be written (before any data loads);
+  returns whether it created it."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise UsageError(f"--workdir {workdir}: exists and is not a directory")
+  created = not os.path.exists(workdir)
   probe = os.path.join(workdir, f".write-test-{os.getpid()}-{jax.process_index()}")
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -52,6 +56,25 @@ def prepare_workdir(workdir: str) -> None:
   except OSError as e:
     raise UsageError(f"--workdir {workdir}: cannot create or write it "
                      f"({e.strerror or type(e).__name__})") from None
+  return created
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether ``workdir`` holds a finished orbax checkpoint (a step directory)."""
+  path = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
+@contextlib.contextmanager
+def removed_on_failure(workdir: str, created: bool):
+  """Removes ``workdir`` when the block fails before the first checkpoint and this run created
+  it: a failed first run leaves nothing behind (its config.json alone would pin the flags)."""
+  try:
+    yield
+  except BaseException:
+    if created and not has_checkpoint(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
 
 
 def read_stored_config(workdir: str) -> Optional[dict]:
@@ -70,14 +93,19 @@ def read_stored_config(workdir: str) -> Optional[dict]:
   return {**{f.name: f.default for f in dataclasses.fields(Config)}, **stored}
 
 
-def check_config(config: Config, workdir: str) -> Optional[dict]:
-  """The stored config if ``workdir`` holds this run; None if none; UsageError if another one.
+def check_config(config: Config, workdir: str) -> tuple[Config, Optional[dict]]:
+  """``(config, stored config)`` if ``workdir`` holds this run, ``(config, None)`` if it holds
+  none; UsageError if it holds another one.
 
+  A run stored before ``decay_boundaries`` existed resumes with the schedule it started with
+  (epoch-aligned decays), also where a new run of its length would now decay at steps.
   ``data_dir`` and ``epochs`` are left to :func:`check_data` and :func:`check_epochs`.
   """
   stored = read_stored_config(workdir)
   if stored is None:
-    return None
+    return config, None
+  if stored.get("decay_boundaries") is None and config.decay_boundaries == "steps":
+    config = dataclasses.replace(config, decay_boundaries=None)
   new = config.to_json()
   diff = [f"{k}: {stored.get(k)!r} there, {new.get(k)!r} here"
           for k in sorted(set(stored) | set(new)) if k not in _LATE_FIELDS + ("data",)
@@ -85,7 +113,7 @@ def check_config(config: Config, workdir: str) -> Optional[dict]:
   if diff:
     raise UsageError(f"workdir {workdir} holds a run with a different config ("
                      + "; ".join(diff) + "); use another --workdir or the same flags")
-  return stored
+  return config, stored
 
 
 def check_data(stored: dict, config: Config, identity: dict, workdir: str) -> None:

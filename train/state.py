@@ -17,7 +17,8 @@ import optax
 from flax import nnx
 
 from train import models
-from train.config import DTYPES, LARS_TRUST_COEFFICIENT, OPTIMIZERS, Config, UsageError
+from train.config import (DTYPES, LARS_TRUST_COEFFICIENT, OPTIMIZERS, Config, UsageError,
+                          epoch_aligned_decays)
 
 
 class Setup(NamedTuple):
@@ -52,11 +53,19 @@ def _init_fn(model: str, num_classes: int, width: float, compute_dtype: str,
 
 
 def create_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
-  """Step decay ×0.1 at 50% and 75% of the epochs (epoch-aligned), cosine decay to 0, or
-  constant (the only one whose trained epochs stay the same when ``epochs`` grows)."""
+  """Step decay ×0.1 at 50% and 75% of training, cosine decay to 0, or constant (the only one
+  whose trained epochs stay the same when ``epochs`` grows).
+
+  The step decays fall on the nearest epochs (:func:`train.config.epoch_aligned_decays`), or,
+  with ``decay_boundaries="steps"`` (what :meth:`Config.resolved` picks for runs too short for
+  two epoch-aligned decays, say 3 epochs), at 50% and 75% of the steps.
+  """
   total = config.epochs * steps_per_epoch
   if config.schedule == "step":
-    bounds = sorted({int(round(f * config.epochs)) * steps_per_epoch for f in (0.5, 0.75)})
+    if config.decay_boundaries == "steps":
+      bounds = sorted({int(f * total) for f in (0.5, 0.75)})
+    else:
+      bounds = [e * steps_per_epoch for e in epoch_aligned_decays(config.epochs)]
     return optax.piecewise_constant_schedule(config.lr, {b: 0.1 for b in bounds if 0 < b})
   if config.schedule == "cosine":
     return optax.cosine_decay_schedule(config.lr, max(total, 1))

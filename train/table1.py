@@ -44,16 +44,17 @@ if str(REPO) not in sys.path:  # run as a script (python train/table1.py): `trai
 CIFAR_PY = REPO / "train" / "cifar.py"
 
 # pylint: disable=wrong-import-position
+from train import cli
+from train.config import PAPER_SETTINGS
 from train.table1_report import (CPU_FULL, DATASETS, MINI, MODELS, OPTIMIZERS, PRESETS,
                                  display_path, finished_history, grid, read_metrics, run_name,
                                  write_report)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
       description="Run the Table 1 grid (models × datasets × optimizers × seeds) with "
                   "train/cifar.py and write table1.md and curves.png. Rerun to resume.",
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
       epilog="Arguments after '--' are passed to every train/cifar.py run.")
   preset = p.add_mutually_exclusive_group()
   preset.add_argument("--mini", action="store_true",
@@ -149,8 +150,10 @@ def command(args, dataset, model, optimizer, seed, workdir) -> list:
          "--optimizer", optimizer, "--seed", str(seed), "--epochs", str(args.epochs),
          "--batch-size", str(args.batch_size), "--width", f"{args.width:g}",
          "--compute-dtype", args.compute_dtype, "--workdir", str(workdir), "--no-progress"]
-  if optimizer in args.lrs:
-    cmd += ["--lr", f"{args.lrs[optimizer]:g}"]
+  # The grid is the paper's setting unless --lr says otherwise: its lr is passed explicitly,
+  # not left to train/cifar.py's default (chosen on validation since), so every committed
+  # run's config stays the same and resumable.
+  cmd += ["--lr", f"{args.lrs.get(optimizer, PAPER_SETTINGS[optimizer][0]):g}"]
   if args.data_dir:
     cmd += ["--data-dir", args.data_dir]
   if args.allow_subset:
