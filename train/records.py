@@ -38,6 +38,8 @@ def finite_or_none(x):
   return x if math.isfinite(x) else None
 
 
+# Config fields compared after the data is loaded (data: by identity, not path) or allowed to
+# change (epochs: when the trained epochs' schedule stays the same), see train_and_evaluate.
 _LATE_FIELDS = ("data_dir", "epochs")
 
 
