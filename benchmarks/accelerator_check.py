@@ -9,8 +9,8 @@ On whatever devices JAX finds, in this order (each section prints as it finishes
    ``optax_bm.scale_by_back_matching`` on a VGG11-BN equals the block-by-block ``"scalar"``
    back-matching step of ``optax_bm.backmatching.back_matching_step`` (SPEC §2), and differs
    from the raw gradient (so the check can fail); a data-parallel step of the trainer's own
-   ``train.cifar.train_step`` sharded over every device equals the same step on one device.
-4. **Training throughput**: the trainer's ``train.cifar.make_train_steps`` with a whole chunk
+   ``train.steps.train_step`` sharded over every device equals the same step on one device.
+4. **Training throughput**: the trainer's ``train.steps.make_train_steps`` with a whole chunk
    of steps as one ``lax.scan`` (how the trainer runs an epoch on an accelerator), VGG11 and
    VGG16 at full width, batch 128, float32 and bfloat16, on a synthetic device-resident uint8
    data set (gather, random crop + flip, normalize and the step, as in training): steps/s,
@@ -204,10 +204,11 @@ def matmul_rate(n: int, dtype: str, min_s: float, reps: int) -> dict:
 
 def _state(model: str, width: float, optimizer: str, dtype: str = "float32",
            steps_per_epoch: int = 10):
-  from train import cifar  # pylint: disable=import-outside-toplevel
-  config = cifar.Config(model=model, width=width, optimizer=optimizer, batch_size=BATCH,
-                        compute_dtype=dtype, epochs=1).resolved()
-  setup, state = cifar.create_train_state(config, NUM_CLASSES, steps_per_epoch)
+  # pylint: disable-next=import-outside-toplevel
+  from train import config as config_lib, state as state_lib
+  config = config_lib.Config(model=model, width=width, optimizer=optimizer, batch_size=BATCH,
+                             compute_dtype=dtype, epochs=1).resolved()
+  setup, state = state_lib.create_train_state(config, NUM_CLASSES, steps_per_epoch)
   return config, setup, state
 
 
@@ -259,7 +260,7 @@ def check_transform_equals_backmatching(model_name: str, width: float, batch: in
 
 def check_sharded_equals_single(model_name: str, width: float, steps: int = 2) -> dict:
   """The trainer's step on a mesh of every device == the same step on one device."""
-  from train import cifar  # pylint: disable=import-outside-toplevel
+  from train import pipeline, steps as steps_lib  # pylint: disable=import-outside-toplevel
   ndev = jax.device_count()
   name = "sharded step == single-device step"
   if ndev < 2:
@@ -274,10 +275,10 @@ def check_sharded_equals_single(model_name: str, width: float, steps: int = 2) -
   out = {}
   with jax.default_matmul_precision("highest"):
     for label, devices in (("all", jax.devices()), ("one", jax.devices()[:1])):
-      mesh = cifar.make_mesh(devices)
-      step = cifar.make_train_step(setup, mesh)
-      state = cifar.replicate(host_state, mesh)
-      sharding = NamedSharding(mesh, P(cifar.DATA_AXIS))
+      mesh = pipeline.make_mesh(devices)
+      step = steps_lib.make_train_step(setup, mesh)
+      state = pipeline.replicate(host_state, mesh)
+      sharding = NamedSharding(mesh, P(pipeline.DATA_AXIS))
       losses = []
       for i in range(steps):
         state, metrics = step(state, jax.device_put(xs[i], sharding),
@@ -305,29 +306,30 @@ class _ScanBench:
 
   def __init__(self, model: str, width: float, optimizer: str, dtype: str, steps: int,
                mesh, images, labels):
-    from train import cifar  # pylint: disable=import-outside-toplevel
-    self.cifar = cifar
+    # pylint: disable-next=import-outside-toplevel
+    from train import pipeline, steps as steps_lib
+    self.pipeline = pipeline
     config, setup, state = _state(model, width, optimizer, dtype, steps)
     self.mesh, self.images, self.labels = mesh, images, labels
-    self.state = cifar.replicate(state, mesh)
-    batches_fn = cifar.make_epoch_batches(config, mesh, images.shape[0])
-    self.first = cifar.replicate(np.int32(0), mesh)
+    self.state = pipeline.replicate(state, mesh)
+    batches_fn = steps_lib.make_epoch_batches(config, mesh, images.shape[0])
+    self.first = pipeline.replicate(np.int32(0), mesh)
     self.batches, self.key = batches_fn(self.first)
     self.steps = steps
-    fn = cifar.make_train_steps(setup, mesh, config, steps)
+    fn = steps_lib.make_train_steps(setup, mesh, config, steps)
     t0 = _now()
     self.fn = fn.lower(self.state, self._zeros(), images, labels, self.batches, self.key,
                        self.first).compile()
     self.compile_s = _now() - t0
-    one = cifar.make_train_steps(setup, mesh, config, 1)
+    one = steps_lib.make_train_steps(setup, mesh, config, 1)
     self.flops = step_flops(one.lower(self.state, self._zeros(), images, labels, self.batches,
                                       self.key, self.first))
     self.n_params = sum(int(x.size) for x in jax.tree.leaves(state["params"]))
     self.times: list = []
 
   def _zeros(self):
-    return self.cifar.replicate({k: np.float32(0) for k in ("loss", "correct", "count")},
-                                self.mesh)
+    return self.pipeline.replicate({k: np.float32(0) for k in ("loss", "correct", "count")},
+                                   self.mesh)
 
   def call(self) -> float:
     sums = self._zeros()
@@ -346,13 +348,13 @@ class _ScanBench:
 def bench_throughput(model: str, width: float, dtype: str, steps: int, reps: int,
                      mm_rate: float) -> dict:
   """SGD and scale-amended SGD interleaved on one device: images/s, utilization, ratio."""
-  from train import cifar  # pylint: disable=import-outside-toplevel
-  mesh = cifar.make_mesh(jax.devices()[:1])  # per-device figures
+  from train import pipeline  # pylint: disable=import-outside-toplevel
+  mesh = pipeline.make_mesh(jax.devices()[:1])  # per-device figures
   n = steps * BATCH
   kx, ky = jax.random.split(jax.random.key(3))
   images = jax.random.randint(kx, (n, 32, 32, 3), 0, 256, jnp.int32).astype(jnp.uint8)
   labels = jax.random.randint(ky, (n,), 0, NUM_CLASSES, jnp.int32)
-  images, labels = cifar.replicate((np.asarray(images), np.asarray(labels)), mesh)
+  images, labels = pipeline.replicate((np.asarray(images), np.asarray(labels)), mesh)
   benches = {o: _ScanBench(model, width, o, dtype, steps, mesh, images, labels)
              for o in ("sgd", "scale_amended")}
   for b in benches.values():
@@ -389,11 +391,11 @@ def check_data(data_dir: str, allow_subset: bool) -> dict:
 def training_run(data_dir: str, allow_subset: bool, model: str, width: float, epochs: int,
                  dtype: str, train_subset: Optional[int] = None,
                  test_subset: Optional[int] = None) -> dict:
-  from train import cifar  # pylint: disable=import-outside-toplevel
-  config = cifar.Config(dataset="cifar10", model=model, width=width, epochs=epochs,
-                        batch_size=BATCH, optimizer="scale_amended", compute_dtype=dtype,
-                        data_dir=data_dir, allow_subset=allow_subset,
-                        train_subset=train_subset, test_subset=test_subset)
+  from train import cifar, config as config_lib  # pylint: disable=import-outside-toplevel
+  config = config_lib.Config(dataset="cifar10", model=model, width=width, epochs=epochs,
+                             batch_size=BATCH, optimizer="scale_amended", compute_dtype=dtype,
+                             data_dir=data_dir, allow_subset=allow_subset,
+                             train_subset=train_subset, test_subset=test_subset)
   with tempfile.TemporaryDirectory(prefix="accelerator_check_") as workdir:
     t0 = _now()
     history = cifar.train_and_evaluate(config, workdir, progress=False)
@@ -482,16 +484,18 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_parser() -> argparse.ArgumentParser:
+  from train import cli  # pylint: disable=import-outside-toplevel
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true",
                  help="CPU smoke run: VGG11 only at width 1/16, 2 scanned steps, 1 rep, one "
                       "training epoch on at most 256 train / 200 test images")
   p.add_argument("--models", default=None, help="default vgg11,vgg16; quick vgg11")
   p.add_argument("--width", type=float, default=None, help="throughput width; default 1, "
                                                            "quick 0.0625")
-  p.add_argument("--dtypes", default="float32,bfloat16")
+  p.add_argument("--dtypes", default="float32,bfloat16",
+                 help=f"comma-separated compute dtypes of the throughput section "
+                      f"({', '.join(DTYPES)})")
   p.add_argument("--steps", type=int, default=None,
                  help="training steps per scanned call; default 20, quick 2")
   p.add_argument("--reps", type=int, default=None, help="timed calls per optimizer (after "
@@ -504,10 +508,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="CIFAR-10 for the training run (as train/cifar.py --data-dir; 'sample' "
                       "for the shipped sample); none: no training run")
   p.add_argument("--allow-subset", action="store_true", help="as train/cifar.py")
-  p.add_argument("--train-model", default="vgg11")
+  p.add_argument("--train-model", default="vgg11", help="VGG-BN of the training run")
   p.add_argument("--train-width", type=float, default=None, help="default 1, quick 0.0625")
   p.add_argument("--train-epochs", type=int, default=None, help="default 2, quick 1")
-  p.add_argument("--train-dtype", choices=DTYPES, default="float32")
+  p.add_argument("--train-dtype", choices=DTYPES, default="float32",
+                 help="compute dtype of the training run")
   p.add_argument("--train-subset", type=int, default=None,
                  help="train on the first N images only (as train/cifar.py); quick 256")
   p.add_argument("--budget-s", type=float, default=None,
@@ -521,18 +526,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="compile everything afresh (compile times as on a fresh machine)")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"),
                  help="directory for accelerator_<platform>.md and .json")
+  return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The flags, every one checked here (exit 2, one line), before any device work."""
+  p = make_parser()
   args = p.parse_args(argv)
   q = args.quick
-  args.models = args.models or ("vgg11" if q else "vgg11,vgg16")
-  args.width = args.width if args.width is not None else (0.0625 if q else 1.0)
-  args.steps = args.steps or (2 if q else 20)
-  args.reps = args.reps or (1 if q else 5)
-  args.check_width = args.check_width or (0.0625 if q else 0.25)
-  args.train_width = args.train_width or (0.0625 if q else 1.0)
-  args.train_epochs = args.train_epochs or (1 if q else 2)
-  args.train_subset = args.train_subset or (256 if q else None)
-  if args.budget_s is None:
-    args.budget_s = math.inf if q else 420.0
+  defaults = dict(models="vgg11" if q else "vgg11,vgg16", width=0.0625 if q else 1.0,
+                  steps=2 if q else 20, reps=1 if q else 5, check_width=0.0625 if q else 0.25,
+                  train_width=0.0625 if q else 1.0, train_epochs=1 if q else 2,
+                  train_subset=256 if q else None, budget_s=math.inf if q else 420.0)
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  for name in ("width", "check_width", "train_width", "budget_s"):
+    value = getattr(args, name)
+    if not (value > 0 and (math.isfinite(value) or name == "budget_s")):
+      p.error(f"--{name.replace('_', '-')} must be a positive number (got {value:g})")
+  for name in ("steps", "reps", "train_epochs", "matmul_n", "train_subset"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
   dtypes = [d for d in args.dtypes.split(",") if d]
   bad = [d for d in dtypes if d not in DTYPES]
   if bad:
@@ -547,13 +563,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from train import cifar  # pylint: disable=import-outside-toplevel
+  from train import cli  # pylint: disable=import-outside-toplevel
   from train import data as data_lib  # pylint: disable=import-outside-toplevel
-  cifar.set_cpu_xla_flags()  # the trainer's flags, before the first computation
+  cli.set_cpu_xla_flags()  # the trainer's flags, before the first computation
   cache = None
   if not args.no_compilation_cache:
-    cache = cifar.enable_compilation_cache(args.compilation_cache_dir
-                                           or cifar.default_compilation_cache_dir())
+    cache = cli.enable_compilation_cache(args.compilation_cache_dir
+                                         or cli.default_compilation_cache_dir())
   t_start = _now()
   report: dict = {"quick": args.quick, "compilation_cache": cache is not None,
                   "args": {k: v for k, v in vars(args).items()

@@ -68,9 +68,9 @@ def init(key, cin, cout):
 
 def images(batch_size, data_dir):
   try:
-    from train import data as data_lib
+    from train import data as data_lib, pipeline
     ds = data_lib.load_cifar("cifar10", data_dir)
-    return data_lib.normalize(jnp.asarray(ds.train_images[:batch_size])), ds.source
+    return pipeline.normalize(jnp.asarray(ds.train_images[:batch_size])), ds.source
   except ImportError as e:  # pragma: no cover
     raise SystemExit(f"train.data is needed for the CIFAR images: {e}")
 

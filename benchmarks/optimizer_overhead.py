@@ -6,7 +6,7 @@ Two measurements, each a ratio to SGD (Nesterov momentum + weight decay) taken i
    jitted ``tx.update`` + ``optax.apply_updates`` with the parameters and optimizer state
    donated (as a trainer does), fed back call after call, ``block_until_ready`` at the end.
 2. **Whole training step** (forward, backward, update; BatchNorm in training mode, batch on
-   the device) of VGG11 and VGG16 at batch 128: the trainer's own ``train.cifar.train_step``. Full width is
+   the device) of VGG11 and VGG16 at batch 128: the trainer's own ``train.steps.train_step``. Full width is
    slow on a small CPU: ``--width`` sets the channel multiplier and every table says which
    width it measured.
 
@@ -21,7 +21,7 @@ retracing). The load average is printed before and after each section because th
 may be shared.
 
 The whole step is measured as the trainer runs it, with the trainer's XLA:CPU flags
-(``train.cifar.CPU_XLA_FLAGS``: the concurrency-optimized scheduler off);
+(``train.cli.CPU_XLA_FLAGS``: the concurrency-optimized scheduler off);
 ``--xla-default-scheduler`` keeps XLA's default.
 
 Usage::
@@ -259,18 +259,20 @@ def train_state_and_step(model_name: str, width: float, optimizer: str, dtype=jn
                          small_map_conv: Optional[bool] = None):
   """``(step_fn(state, images, labels) -> (state, metrics), state, source description)``.
 
-  Always the trainer's own ``train.cifar.train_step`` with its optimizer factory (paper
+  Always the trainer's own ``train.steps.train_step`` with its optimizer factory (paper
   settings): the benchmark measures the step users run, and fails loudly if it breaks.
   ``small_map_conv`` as in ``train.models.vgg`` (``None``: the trainer's default).
   """
-  from train import cifar  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from train import config as config_lib, state as state_lib, steps as steps_lib
   dtype_name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16"}[dtype]
-  config = cifar.Config(model=model_name, width=width, optimizer=optimizer,
-                        batch_size=BATCH, compute_dtype=dtype_name).resolved()
-  setup, state = cifar.create_train_state(config, NUM_CLASSES, 390,
-                                          small_map_conv=small_map_conv)
-  step = functools.partial(cifar.train_step, setup=setup)
-  return step, state, "train.cifar.train_step (the trainer's step)"
+  config = config_lib.Config(model=model_name, width=width, optimizer=optimizer,
+                             lr=config_lib.PAPER_SETTINGS[optimizer][0],
+                             batch_size=BATCH, compute_dtype=dtype_name).resolved()
+  setup, state = state_lib.create_train_state(config, NUM_CLASSES, 390,
+                                              small_map_conv=small_map_conv)
+  step = functools.partial(steps_lib.train_step, setup=setup)
+  return step, state, "train.steps.train_step (the trainer's step)"
 
 
 def fake_batch(dtype=jnp.float32, batch: int = BATCH, seed: int = 0):
@@ -440,7 +442,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--skip-steps", action="store_true")
   p.add_argument("--xla-default-scheduler", action="store_true",
                  help="keep XLA:CPU's concurrency-optimized scheduler (the trainer turns it off: "
-                      "train.cifar.CPU_XLA_FLAGS)")
+                      "train.cli.CPU_XLA_FLAGS)")
   p.add_argument("--dump-hlo", default=None, help="write the updates' optimized HLO here")
   return p.parse_args(argv)
 
@@ -448,8 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if not args.xla_default_scheduler:
-    from train import cifar  # pylint: disable=import-outside-toplevel
-    cifar.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
+    from train import cli  # pylint: disable=import-outside-toplevel
+    cli.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
   width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
   reps = args.reps or (5 if args.quick else 9)
   step_reps = args.step_reps or (3 if args.quick else 11)

@@ -2,10 +2,10 @@
 
 Measured in one run, interleaved (order rotated every repetition), batch on the device:
 
-* **step**: the whole training step (the trainer's own ``train.cifar.train_step``) on an
+* **step**: the whole training step (the trainer's own ``train.steps.train_step``) on an
   already-normalized batch: images/s;
 * **data path**: the trainer's on-device input pipeline for one batch, ``augment`` (random
-  crop + flip) then ``normalize`` from ``train/data.py``; also with the gather of the batch
+  crop + flip) then ``normalize`` from ``train/pipeline.py``; also with the gather of the batch
   from a 50 000-image ``uint8`` set (what the trainer's epoch scan does); images/s and share
   of the step (target ≤ 5 %);
 * **fused step**: data path + step in one jitted function, as in the trainer's scan body;
@@ -27,7 +27,7 @@ and the share spent in convolutions that XLA:CPU could not hand to a library
 ``--plain-conv``).
 
 Like the trainer, the script turns off XLA:CPU's concurrency-optimized scheduler
-(``train.cifar.CPU_XLA_FLAGS``); ``--xla-default-scheduler`` keeps it.
+(``train.cli.CPU_XLA_FLAGS``); ``--xla-default-scheduler`` keeps it.
 
 bf16: ``--dtype auto`` computes in bf16 (parameters f32) on a GPU/TPU and f32 on a CPU; that
 path is written for accelerators but **untested on GPU** (none was available).
@@ -65,7 +65,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import optimizer_overhead as oo
-from train import data as data_lib
+from train import pipeline
 from train import models
 
 DATASET_SIZE = 50_000
@@ -222,7 +222,7 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
   labels_all = jax.random.randint(jax.random.key(3), (DATASET_SIZE,), 0, oo.NUM_CLASSES,
                                   jnp.int32)
   images_u8, labels = images_u8_all[:oo.BATCH], labels_all[:oo.BATCH]
-  x = data_lib.normalize(images_u8, "cifar10", dtype)
+  x = pipeline.normalize(images_u8, "cifar10", dtype)
   aug_key = jax.random.key(4)
 
   step, state, source = oo.train_state_and_step(model_name, width, optimizer, dtype,
@@ -230,14 +230,14 @@ def bench_model(model_name: str, width: float, optimizer: str, dtype, reps: int,
   _, state2, _ = oo.train_state_and_step(model_name, width, optimizer, dtype, small_map_conv)
 
   def data_path(i, images):
-    out = data_lib.normalize(data_lib.augment(jax.random.fold_in(aug_key, i), images),
+    out = pipeline.normalize(pipeline.augment(jax.random.fold_in(aug_key, i), images),
                              "cifar10", dtype)
     return i + 1, out
 
   def gather_data_path(i, images, labels):
     idx = jax.random.randint(jax.random.fold_in(aug_key, -i), (oo.BATCH,), 0, DATASET_SIZE)
     batch = jnp.take(images, idx, axis=0)
-    out = data_lib.normalize(data_lib.augment(jax.random.fold_in(aug_key, i), batch),
+    out = pipeline.normalize(pipeline.augment(jax.random.fold_in(aug_key, i), batch),
                              "cifar10", dtype)
     return i + 1, out, jnp.take(labels, idx, axis=0)
 
@@ -399,7 +399,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "through lax.conv_general_dilated: the model before train/small_map_conv.py)")
   p.add_argument("--xla-default-scheduler", action="store_true",
                  help="keep XLA:CPU's concurrency-optimized scheduler (the trainer turns it off: "
-                      "train.cifar.CPU_XLA_FLAGS)")
+                      "train.cli.CPU_XLA_FLAGS)")
   p.add_argument("--profile", dest="profile", action="store_true", default=None)
   p.add_argument("--no-profile", dest="profile", action="store_false")
   return p.parse_args(argv)
@@ -408,8 +408,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   if not args.xla_default_scheduler:
-    from train import cifar  # pylint: disable=import-outside-toplevel
-    cifar.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
+    from train import cli  # pylint: disable=import-outside-toplevel
+    cli.set_cpu_xla_flags()  # the trainer's flags, set before the first computation
   width = args.width if args.width is not None else (0.125 if args.quick else 1.0)
   reps = args.reps or (3 if args.quick else 5)
   sample_s = args.sample_seconds if args.sample_seconds is not None else (0.1 if args.quick else 0.5)

@@ -7,21 +7,22 @@ import shutil
 import numpy as np
 import pytest
 
-from train import ablation, cifar
+from train import ablation, cifar, pipeline
+from train import config as config_lib
 
 
 def _config(**kw):
   base = dict(data_dir="sample", width=0.0625, batch_size=64, train_subset=256,
               test_subset=64, epochs=1)
   base.update(kw)
-  return cifar.Config(**base)
+  return config_lib.Config(**base)
 
 
 def test_val_split_block_logging_and_reading_flags(tmp_path, monkeypatch):
   cfg = _config(optimizer="scale_amended", val_split=100, sa_pooling="after",
                 sa_scale_others=False)
   seen = {}
-  real = cifar.load_data
+  real = pipeline.load_data
 
   def spy(config, mesh, eval_batch_size):
     data = real(config, mesh, eval_batch_size)

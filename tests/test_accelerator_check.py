@@ -92,6 +92,25 @@ def test_bad_flags_exit_2():
     accelerator_check.parse_args(["--models", "vgg12"])
 
 
+@pytest.mark.parametrize("flags", [["--width", "0"], ["--steps", "-3"], ["--steps", "0"],
+                                   ["--reps", "0"], ["--check-width", "-1"],
+                                   ["--train-width", "nan"], ["--train-epochs", "0"],
+                                   ["--matmul-n", "0"], ["--train-subset", "0"],
+                                   ["--budget-s", "0"]])
+def test_every_number_is_checked_before_the_device(flags, capsys):
+  """A bad number is one line and exit 2 at once, not a traceback after minutes of work."""
+  with pytest.raises(SystemExit) as e:
+    accelerator_check.parse_args(["--quick", *flags])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and f"{flags[0]} must be" in err, err
+
+
+def test_every_flag_has_help():
+  actions = [a for a in accelerator_check.make_parser()._actions if a.option_strings]
+  assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
+
+
 def test_flops_of_reads_every_shape_of_cost_analysis():
   assert accelerator_check.flops_of({"flops": 12.0}) == 12.0
   assert accelerator_check.flops_of([{"flops": 3.0}, {"flops": 4.0}]) == 3.0  # older JAX

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import data
+from train import data, pipeline
 
 SAMPLE_ARCHIVE = data.SAMPLE_DIR / "cifar-10-python.tar.gz"
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -221,11 +221,13 @@ def test_full_extracted_cifar10_is_md5_verified(tmp_path):
   batch = pickle.loads((FULL_C10_DIR / "test_batch").read_bytes(), encoding="latin1")
   batch["data"][0, 0] ^= 1
   (copy / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
-  with pytest.raises(data.DataError, match=f"{copy / 'test_batch'}: MD5 [0-9a-f]{{32}}, "
-                     "expected 40351d587109b95175f43aff81a1287e .*--allow-subset"):
-    data.load_cifar("cifar10", copy)
-  modified = data.load_cifar("cifar10", copy, allow_subset=True)
-  assert "1 of 6 files differ" in modified.source and modified.checksum != full.checksum
+  # With the official 10000 images it is a damaged copy, not a subset: refused either way.
+  for allow_subset in (False, True):
+    with pytest.raises(data.DataError, match=f"{copy / 'test_batch'}: MD5 [0-9a-f]{{32}}, "
+                       "expected 40351d587109b95175f43aff81a1287e .*holds the official 10000 "
+                       "images: the file is corrupted or modified, not a subset") as e:
+      data.load_cifar("cifar10", copy, allow_subset=allow_subset)
+    assert "allow-subset" not in str(e.value)
   # The subset an accelerator run carries (data_batch_1 and test_batch), as is.
   carried = tmp_path / "carried" / "cifar-10-batches-py"
   carried.mkdir(parents=True)
@@ -325,6 +327,40 @@ def test_foreign_pickle_cannot_run_code(tmp_path):
   with pytest.raises(data.DataError, match="data_batch_2: not a CIFAR batch pickle.*refusing"):
     data.load_cifar("cifar10", directory, allow_subset=True)
   assert not marker.exists()
+
+
+@pytest.mark.parametrize("allow_subset", [False, True])
+def test_damaged_file_of_full_size_is_refused_even_with_allow_subset(allow_subset, tmp_path,
+                                                                      monkeypatch):
+  """A batch file with the official image count and another MD5 is corruption: --allow-subset
+  (for fewer images or files) cannot help, and the error does not suggest it."""
+  directory = c10_python_dir(tmp_path)
+  path = directory / "data_batch_3"
+  batch = pickle.loads(path.read_bytes(), encoding="latin1")
+  # Let the sample's files stand for the official ones: their MD5s and image counts.
+  counts = data.load_cifar("cifar10", directory, allow_subset=True)
+  monkeypatch.setattr(data, "OFFICIAL_COUNTS", (len(counts.train_labels),
+                                                len(counts.test_labels)))
+  md5s = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in directory.iterdir()
+          if f.name in data.OFFICIAL_FILE_MD5["cifar-10-batches-py"]}
+  monkeypatch.setitem(data.OFFICIAL_FILE_MD5, "cifar-10-batches-py", md5s)
+  assert "per-file MD5 verified" in data.load_cifar("cifar10", directory).source
+  key = {k.decode() if isinstance(k, bytes) else k: k for k in batch}  # py2 or py3 keys
+  batch[key["data"]][0, :2] ^= 0xFF  # two pixel bytes flipped
+  path.write_bytes(pickle.dumps(batch, protocol=2))
+  with pytest.raises(data.DataError, match=f"{path}: MD5 [0-9a-f]{{32}}, expected "
+                     f"{md5s['data_batch_3']} .*holds "
+                     f"the official {len(batch[key['labels']])} images: the file is corrupted") as e:
+    data.load_cifar("cifar10", directory, allow_subset=allow_subset)
+  assert "allow-subset" not in str(e.value)
+
+
+def test_junk_under_an_official_name_does_not_suggest_allow_subset(tmp_path):
+  directory = c10_python_dir(tmp_path)
+  (directory / "data_batch_2").write_bytes(b"\x80\x02 junk")
+  with pytest.raises(data.DataError, match="data_batch_2: not a CIFAR batch pickle") as e:
+    data.load_cifar("cifar10", directory)
+  assert "allow-subset" not in str(e.value)
 
 
 @pytest.mark.parametrize("name, blob, match", [
@@ -564,10 +600,10 @@ def test_probe_on_loopback():
 
 
 def test_normalize(reference):
-  mean, std = (np.array(s) for s in data.CHANNEL_STATS["cifar10"])
+  mean, std = (np.array(s) for s in pipeline.CHANNEL_STATS["cifar10"])
   pixel = jnp.asarray(np.round(255 * (mean + std)).astype(np.uint8)).reshape(1, 1, 1, 3)
-  np.testing.assert_allclose(data.normalize(pixel), np.ones((1, 1, 1, 3)), atol=0.01)
-  out = jax.jit(data.normalize, static_argnums=(1, 2))(
+  np.testing.assert_allclose(pipeline.normalize(pixel), np.ones((1, 1, 1, 3)), atol=0.01)
+  out = jax.jit(pipeline.normalize, static_argnums=(1, 2))(
       jnp.asarray(reference.train_images), "cifar10", jnp.bfloat16)
   chex.assert_type(out, jnp.bfloat16)
   chex.assert_shape(out, reference.train_images.shape)
@@ -580,7 +616,7 @@ def test_augment_outputs_are_shifted_flipped_windows():
   # Every pixel value is distinct and nonzero, so a window of the padded image is identifiable.
   image = 1 + jnp.arange(32 * 32 * 3, dtype=jnp.float32).reshape(32, 32, 3)
   batch = jnp.broadcast_to(image, (64, 32, 32, 3))
-  out = np.asarray(jax.jit(data.augment)(jax.random.key(0), batch))
+  out = np.asarray(jax.jit(pipeline.augment)(jax.random.key(0), batch))
   padded = np.pad(np.asarray(image), ((4, 4), (4, 4), (0, 0)))
   seen = set()
   for crop in out:
@@ -596,7 +632,7 @@ def test_augment_outputs_are_shifted_flipped_windows():
 @pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32, jnp.bfloat16])
 def test_augment_keeps_shape_and_dtype(dtype):
   images = jnp.ones((5, 32, 32, 3), dtype)
-  out = jax.jit(data.augment)(jax.random.key(1), images)
+  out = jax.jit(pipeline.augment)(jax.random.key(1), images)
   chex.assert_shape(out, images.shape)
   chex.assert_type(out, dtype)
 
@@ -605,8 +641,8 @@ def test_augment_keyed_by_seed_and_epoch(reference):
   images = jnp.asarray(reference.train_images[:32])
 
   def run(seed, epoch, step=0):
-    _, augment_key = data.epoch_keys(seed, epoch)
-    return np.asarray(data.augment(jax.random.fold_in(augment_key, step), images))
+    _, augment_key = pipeline.epoch_keys(seed, epoch)
+    return np.asarray(pipeline.augment(jax.random.fold_in(augment_key, step), images))
 
   np.testing.assert_array_equal(run(0, 3), run(0, 3))
   assert not np.array_equal(run(0, 3), run(0, 4))
@@ -621,21 +657,21 @@ def test_augment_on_a_batch_sharded_dataset(axis_type, reference):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
   images = jnp.asarray(reference.train_images[:64])
   key = jax.random.key(7)
-  sharded = jax.jit(data.augment)(key, jax.device_put(images, sharding))
+  sharded = jax.jit(pipeline.augment)(key, jax.device_put(images, sharding))
   assert sharded.sharding.spec[0] == "batch"
-  np.testing.assert_array_equal(sharded, jax.jit(data.augment)(key, images))
+  np.testing.assert_array_equal(sharded, jax.jit(pipeline.augment)(key, images))
 
 
 def test_epoch_permutation_and_batches():
-  perm = data.epoch_permutation(0, 2, 10)
+  perm = pipeline.epoch_permutation(0, 2, 10)
   np.testing.assert_array_equal(np.sort(perm), np.arange(10))
-  np.testing.assert_array_equal(perm, data.epoch_permutation(0, 2, 10))
-  np.testing.assert_array_equal(perm, jax.jit(data.epoch_permutation, static_argnums=2)(0, 2, 10))
-  assert not np.array_equal(perm, data.epoch_permutation(0, 3, 10))
-  assert not np.array_equal(perm, data.epoch_permutation(1, 2, 10))
+  np.testing.assert_array_equal(perm, pipeline.epoch_permutation(0, 2, 10))
+  np.testing.assert_array_equal(perm, jax.jit(pipeline.epoch_permutation, static_argnums=2)(0, 2, 10))
+  assert not np.array_equal(perm, pipeline.epoch_permutation(0, 3, 10))
+  assert not np.array_equal(perm, pipeline.epoch_permutation(1, 2, 10))
 
-  idx = jax.jit(data.batch_indices, static_argnums=1)(perm, 3)
+  idx = jax.jit(pipeline.batch_indices, static_argnums=1)(perm, 3)
   chex.assert_shape(idx, (3, 3))  # 10 // 3 steps; the last example is dropped
   np.testing.assert_array_equal(idx.ravel(), perm[:9])
   with pytest.raises(ValueError, match="batch size 11 exceeds the 10 examples"):
-    data.batch_indices(perm, 11)
+    pipeline.batch_indices(perm, 11)

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from train import table1
+from train import table1, table1_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,15 +51,15 @@ def test_cpu_full_preset(tmp_path):
   args = table1.parse_args(["--cpu-full"])
   assert args.preset == "cpu_full" and not args.mini
   assert (args.models, args.datasets, args.seeds) == (["vgg13"], ["cifar10"], [0, 1, 2])
-  assert args.optimizers == list(table1.OPTIMIZERS)
+  assert args.optimizers == list(table1_report.OPTIMIZERS)
   assert (args.epochs, args.width, args.batch_size, args.allow_subset) == (30, 0.125, 128,
                                                                            False)
   assert pathlib.Path(args.data_dir) == ROOT.parent / "shared/data/cifar10/cifar-10-batches-py"
   assert pathlib.Path(args.out) == ROOT / "train/results/table1_cpu_full"
   assert pathlib.Path(args.workdir_root) == ROOT / "workdirs/table1_cpu_full"
-  assert len(table1.grid(args)) == 12
-  assert table1.CPU_FULL_LABEL in table1.write_table(args, {}, tmp_path / "t.md")
-  cmd = table1.reproduce_command(args)
+  assert len(table1_report.grid(args)) == 12
+  assert table1_report.CPU_FULL_LABEL in table1_report.write_table(args, {}, tmp_path / "t.md")
+  cmd = table1_report.reproduce_command(args)
   assert cmd.startswith("python train/table1.py --cpu-full --models vgg13 ")
   assert "--data-dir ../shared/data/cifar10/cifar-10-batches-py" in cmd
   # Explicit flags win over the preset; presets exclude each other.
@@ -79,8 +79,8 @@ def test_paths_on_the_command_line_are_relative_to_the_cwd(tmp_path, monkeypatch
 
 def test_dry_run_skips_finished_runs(tmp_path, capsys):
   args = table1.parse_args(_grid_args(tmp_path))
-  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "sgd", 0), 3)
-  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "lars", 0), 2)  # unfinished
+  _fake_run(tmp_path / "w", table1_report.run_name("cifar10", "vgg13", "sgd", 0), 3)
+  _fake_run(tmp_path / "w", table1_report.run_name("cifar10", "vgg13", "lars", 0), 2)  # unfinished
   assert table1.main(_grid_args(tmp_path, "--dry-run")) == 0
   out = capsys.readouterr().out
   assert "skip cifar10-vgg13-sgd-s0: finished" in out
@@ -133,20 +133,20 @@ def test_results_are_never_replaced_by_emptier_ones(tmp_path, capsys):
   out = tmp_path / "out"
   root = tmp_path / "w"
   for opt in ("sgd", "lars"):
-    _fake_run(root, table1.run_name("cifar10", "vgg13", opt, 0), 3)
+    _fake_run(root, table1_report.run_name("cifar10", "vgg13", opt, 0), 3)
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
   text = (out / "table1.md").read_text()
-  assert table1.finished_in_table(out / "table1.md") == 2
+  assert table1_report.finished_in_table(out / "table1.md") == 2
   assert "2/12 runs finished" in text
   assert "**CPU-scale run (VGG13-BN at width 0.125, 3 epochs); the paper trains" in text
   # A fresh clone has no work directories: the runs committed beside the table still count,
   # are not trained again, and the table is the same.
-  lars = table1.run_name("cifar10", "vgg13", "lars", 0)
+  lars = table1_report.run_name("cifar10", "vgg13", "lars", 0)
   shutil.rmtree(root / lars)
   capsys.readouterr()
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
   assert "warning" not in capsys.readouterr().err
-  assert table1.finished_in_table(out / "table1.md") == 2
+  assert table1_report.finished_in_table(out / "table1.md") == 2
   assert lars not in " ".join(name for name, _ in table1.pending_runs(table1.parse_args(
       _grid_args(tmp_path))))
   # Without the committed copy either, the richer results are kept.
@@ -160,13 +160,13 @@ def test_results_are_never_replaced_by_emptier_ones(tmp_path, capsys):
   assert (out / "figure1.png").read_bytes() == png
   # More finished runs replace it; --force replaces it with fewer.
   for opt in ("lars", "lsalr"):
-    _fake_run(root, table1.run_name("cifar10", "vgg13", opt, 0), 3)
+    _fake_run(root, table1_report.run_name("cifar10", "vgg13", opt, 0), 3)
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
-  assert table1.finished_in_table(out / "table1.md") == 3
+  assert table1_report.finished_in_table(out / "table1.md") == 3
   shutil.rmtree(root)
   shutil.rmtree(out / "runs")
   assert table1.main(_grid_args(tmp_path, "--report-only", "--force")) == 0
-  assert table1.finished_in_table(out / "table1.md") == 0
+  assert table1_report.finished_in_table(out / "table1.md") == 0
 
 
 def test_curve_band_median_and_range():
@@ -174,24 +174,24 @@ def test_curve_band_median_and_range():
           1: [{"epoch": 1, "x": 3.0}, {"epoch": 2, "x": float("nan")}],
           2: [{"epoch": 1, "x": 2.0}, {"epoch": 2, "x": 5.0}]}
   # Epoch 2 lacks a finite value for seed 1: only epoch 1 counts.
-  assert table1.curve_band(runs, "x", 10.0) == ([1], [20.0], [10.0], [30.0])
+  assert table1_report.curve_band(runs, "x", 10.0) == ([1], [20.0], [10.0], [30.0])
   runs[1][1]["x"] = 6.0
-  assert table1.curve_band(runs, "x") == ([1, 2], [2.0, 5.0], [1.0, 4.0], [3.0, 6.0])
-  assert table1.curve_band(runs, "missing") == ([], [], [], [])
+  assert table1_report.curve_band(runs, "x") == ([1, 2], [2.0, 5.0], [1.0, 4.0], [3.0, 6.0])
+  assert table1_report.curve_band(runs, "missing") == ([], [], [], [])
 
 
 def test_figure1_png_from_fake_metrics(tmp_path):
   import matplotlib.image
   args = table1.parse_args(_grid_args(tmp_path))
   root = tmp_path / "w"
-  for i, opt in enumerate(table1.OPTIMIZERS):
+  for i, opt in enumerate(table1_report.OPTIMIZERS):
     for s in (0, 1, 2):
-      _fake_run(root, table1.run_name("cifar10", "vgg13", opt, s), 3, acc=0.5 + 0.1 * i,
+      _fake_run(root, table1_report.run_name("cifar10", "vgg13", opt, s), 3, acc=0.5 + 0.1 * i,
                 loss=2.0 + s)
-  results = table1.collect(args)
+  results = table1_report.collect(args)
   assert len(results[("cifar10", "vgg13", "sgd")]) == 3
   path = tmp_path / "figure1.png"
-  table1.plot_figure1(args, results, path)
+  table1_report.plot_figure1(args, results, path)
   img = matplotlib.image.imread(path)
   assert img.shape[0] > 300 and img.shape[1] > 800
   # Both panels drew coloured curves: the image is not blank.
@@ -202,7 +202,7 @@ def test_figure1_png_from_fake_metrics(tmp_path):
 
 def test_copied_configs_name_no_machine_path(tmp_path):
   shared_data = str(ROOT.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py")
-  _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "sgd", 0), 3,
+  _fake_run(tmp_path / "w", table1_report.run_name("cifar10", "vgg13", "sgd", 0), 3,
             data_dir=shared_data)
   assert table1.main(_grid_args(tmp_path, "--report-only")) == 0
   runs = tmp_path / "out" / "runs"
@@ -242,8 +242,8 @@ def test_git_commit_commits_only_the_results_dir(tmp_path, monkeypatch):
 
 def test_a_diverged_run_is_not_rerun_and_is_reported(tmp_path, capsys):
   root = tmp_path / "w"
-  _fake_run(root, table1.run_name("cifar10", "vgg13", "sgd", 0), 3, acc=0.6)
-  w = _fake_run(root, table1.run_name("cifar10", "vgg13", "sgd", 1), 2)
+  _fake_run(root, table1_report.run_name("cifar10", "vgg13", "sgd", 0), 3, acc=0.6)
+  w = _fake_run(root, table1_report.run_name("cifar10", "vgg13", "sgd", 1), 2)
   hist = [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
   hist[-1].update(diverged=True, train_loss=None, test_acc=None)
   (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
@@ -259,26 +259,26 @@ def test_a_diverged_run_is_not_rerun_and_is_reported(tmp_path, capsys):
 def test_table_caption_names_the_scale_amended_reading(tmp_path):
   args = table1.parse_args(_grid_args(tmp_path))
   for seed in (0, 1):
-    w = _fake_run(tmp_path / "w", table1.run_name("cifar10", "vgg13", "scale_amended", seed), 3)
+    w = _fake_run(tmp_path / "w", table1_report.run_name("cifar10", "vgg13", "scale_amended", seed), 3)
     config = json.loads((w / "config.json").read_text())
     config.update(sa_pooling="before", sa_scale_others=False, sa_gamma_aware=False,
                   sa_decay_before_scaling=True)
     (w / "config.json").write_text(json.dumps(config))
-  note = table1._sa_reading_note(args, table1.collect(args))
+  note = table1_report._sa_reading_note(args, table1_report.collect(args))
   assert "`s` before pooling, bias/BatchNorm unscaled, γ² ignored, decay before" in note
   (w / "config.json").write_text(json.dumps({"epochs": 3}))  # a run older than the fields
-  assert "not recorded in every config" in table1._sa_reading_note(args, table1.collect(args))
+  assert "not recorded in every config" in table1_report._sa_reading_note(args, table1_report.collect(args))
 
 
 def test_learning_rate_overrides(tmp_path, capsys):
   assert table1.main(_grid_args(tmp_path, "--dry-run")) == 0
   cmds = [c for c in capsys.readouterr().out.splitlines() if "train/cifar.py" in c]
-  sa = table1.CPU_FULL["lrs"]["scale_amended"]
+  sa = table1_report.CPU_FULL["lrs"]["scale_amended"]
   assert all((f"--lr {sa:g}" in c) == ("--optimizer scale_amended" in c) for c in cmds)
   args = table1.parse_args(_grid_args(tmp_path, "--lr", "sgd=0.05"))
   assert args.lrs == {"scale_amended": sa, "sgd": 0.05}
-  assert "--lr scale_amended=" in table1.reproduce_command(args)
-  assert "--lr sgd=0.05" in table1.reproduce_command(args)
+  assert "--lr scale_amended=" in table1_report.reproduce_command(args)
+  assert "--lr sgd=0.05" in table1_report.reproduce_command(args)
   assert table1.parse_args(["--mini"]).lrs == {}  # the paper's everywhere
   for bad in ("adam=0.1", "sgd=-1", "sgd=x"):
     with pytest.raises(SystemExit):

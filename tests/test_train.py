@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from train import cifar, models, table1
+from train import cifar, cli, models, pipeline, records, table1, table1_report
+from train import config as config_lib, state as state_lib, steps as steps_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CIFAR_PY = str(REPO / "train" / "cifar.py")
@@ -60,7 +61,7 @@ def _cli(args, devices: int = 1, **kw) -> subprocess.Popen:
 
 def _results(workdir) -> list:
   """metrics.jsonl without the timing fields."""
-  return [{k: h[k] for k in RESULT_KEYS} for h in cifar.read_metrics(str(workdir))]
+  return [{k: h[k] for k in RESULT_KEYS} for h in records.read_metrics(str(workdir))]
 
 
 def _batch(n=32, seed=0):
@@ -77,8 +78,8 @@ def _out_shape(model, x):
 
 
 def _setup(optimizer, width=1 / 16, **kw):
-  config = cifar.Config(optimizer=optimizer, width=width, epochs=1, **kw).resolved()
-  return cifar.create_train_state(config, 10, steps_per_epoch=100)
+  config = config_lib.Config(optimizer=optimizer, width=width, epochs=1, **kw).resolved()
+  return state_lib.create_train_state(config, 10, steps_per_epoch=100)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,11 +117,11 @@ def test_vgg_width_and_bf16():
 # Steps
 
 
-@pytest.mark.parametrize("optimizer", cifar.OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", config_lib.OPTIMIZERS)
 def test_steps_lower_loss_on_fixed_batch(optimizer):
   setup, state = _setup(optimizer)
   x, y = _batch()
-  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  step = jax.jit(lambda s: steps_lib.train_step(s, x, y, setup=setup))
   losses = []
   for _ in range(6):
     state, m = step(state)
@@ -133,7 +134,7 @@ def test_steps_lower_loss_on_fixed_batch(optimizer):
 def test_eval_uses_running_statistics():
   setup, state = _setup("sgd")
   x, y = _batch()
-  step = jax.jit(lambda s: cifar.train_step(s, x, y, setup=setup))
+  step = jax.jit(lambda s: steps_lib.train_step(s, x, y, setup=setup))
   for _ in range(3):
     state, _ = step(state)
   bn = state["batch_stats"]["blocks"][0]["bn"]
@@ -161,10 +162,10 @@ def test_eval_uses_running_statistics():
   assert not np.allclose(train_out, full[:4], atol=1e-3)
   # eval_step sums over the masked examples only.
   mask = jnp.arange(32) < 20
-  sums = cifar.eval_step(state, x, y, mask, setup=setup)
+  sums = steps_lib.eval_step(state, x, y, mask, setup=setup)
   assert float(sums["count"]) == 20
   np.testing.assert_allclose(
-      float(sums["loss"]), float(cifar.cross_entropy(full, y)[:20].sum()), rtol=1e-5)
+      float(sums["loss"]), float(steps_lib.cross_entropy(full, y)[:20].sum()), rtol=1e-5)
 
 
 @pytest.mark.parametrize("optimizer", ["scale_amended"])
@@ -178,15 +179,15 @@ def test_sharded_step_matches_single_device(optimizer):
   assert jax.device_count() == 4
   setup, state0 = _setup(optimizer)
   x, y = _batch(32)
-  meshes = [cifar.make_mesh(jax.devices()[:1]), cifar.make_mesh(jax.devices())]
-  steps = [cifar.make_train_step(setup, mesh) for mesh in meshes]
+  meshes = [pipeline.make_mesh(jax.devices()[:1]), pipeline.make_mesh(jax.devices())]
+  steps = [steps_lib.make_train_step(setup, mesh) for mesh in meshes]
   trained = state0
   for _ in range(3):
-    trained, _ = steps[0](cifar.replicate(trained, meshes[0]), x, y)
+    trained, _ = steps[0](pipeline.replicate(trained, meshes[0]), x, y)
   for start in (state0, jax.device_get(trained)):
     results = []
     for mesh, step in zip(meshes, steps):
-      state, m = step(cifar.replicate(start, mesh), x, y)
+      state, m = step(pipeline.replicate(start, mesh), x, y)
       leaf = jax.tree.leaves(state["params"])[0]
       assert leaf.sharding.mesh.devices.size == mesh.devices.size
       assert leaf.sharding.is_fully_replicated
@@ -205,7 +206,7 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
   nothing about the pipeline); the loss sums and BatchNorm running averages still depend on
   which images every step saw and how they were augmented.
   """
-  config = cifar.Config(width=1 / 16, epochs=2, batch_size=32, seed=3, lr=0.0).resolved()
+  config = config_lib.Config(width=1 / 16, epochs=2, batch_size=32, seed=3, lr=0.0).resolved()
   rng = np.random.default_rng(0)
   arrays = (rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8),
             rng.integers(0, 10, 96).astype(np.int32),
@@ -214,13 +215,13 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
   outs = []
   for devices, per_call in ((jax.devices()[:1], 1), (jax.devices(), 1),
                             (jax.devices()[:1], 0)):
-    mesh = cifar.make_mesh(devices)
-    data = cifar._Data(*cifar.replicate(arrays, mesh), 96, 36, 10, "random")
-    setup, state = cifar.create_train_state(config, 10, 3)
-    runner = cifar.EpochRunner(setup, mesh, config, data, 3, 20, steps_per_call=per_call)
+    mesh = pipeline.make_mesh(devices)
+    data = pipeline.DeviceData(*pipeline.replicate(arrays, mesh), 96, 36, 10, "random")
+    setup, state = state_lib.create_train_state(config, 10, 3)
+    runner = steps_lib.EpochRunner(setup, mesh, config, data, 3, 20, steps_per_call=per_call)
     assert len(runner.train_plan) == (3 if per_call == 1 else 1)
     assert len(runner.eval_plan) == (2 if per_call == 1 else 1)
-    state = cifar.replicate(state, mesh)
+    state = pipeline.replicate(state, mesh)
     state, train_sums = runner.train_epoch(state, 0)
     state, train_sums = runner.train_epoch(state, 1)
     assert int(state["step"]) == 6
@@ -232,29 +233,30 @@ def test_epoch_pipeline_independent_of_devices_and_scan():
 
 
 def test_schedules():
-  cfg = cifar.Config(epochs=8).resolved()
-  sched = cifar.create_schedule(cfg, 10)
+  cfg = config_lib.Config(epochs=8).resolved()
+  sched = state_lib.create_schedule(cfg, 10)
   np.testing.assert_allclose([sched(0), sched(39), sched(40), sched(59), sched(60)],
                              [0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-6)
-  cos = cifar.create_schedule(cifar.Config(epochs=8, schedule="cosine").resolved(), 10)
+  cos = state_lib.create_schedule(config_lib.Config(epochs=8, schedule="cosine").resolved(), 10)
   np.testing.assert_allclose([cos(0), cos(40), cos(80)], [0.1, 0.05, 0.0], atol=1e-7)
-  assert cifar.Config(optimizer="lars").resolved().lr == 2.0
-  assert cifar.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
+  assert config_lib.Config(optimizer="lars").resolved().lr == 4.0  # chosen on validation
+  assert config_lib.PAPER_SETTINGS["lars"] == (2.0, 1e-3)  # the paper's stays named
+  assert config_lib.Config(optimizer="scale_amended").resolved().weight_decay == 5e-3
 
 
 def test_cpu_xla_flags_added_without_overriding_the_users():
   env = {}
-  cifar.set_cpu_xla_flags(env)
-  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
-  cifar.set_cpu_xla_flags(env)  # idempotent
-  assert env["XLA_FLAGS"].split() == list(cifar.CPU_XLA_FLAGS)
+  cli.set_cpu_xla_flags(env)
+  assert env["XLA_FLAGS"].split() == list(cli.CPU_XLA_FLAGS)
+  cli.set_cpu_xla_flags(env)  # idempotent
+  assert env["XLA_FLAGS"].split() == list(cli.CPU_XLA_FLAGS)
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  cifar.set_cpu_xla_flags(env)
+  cli.set_cpu_xla_flags(env)
   assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
-                                      *cifar.CPU_XLA_FLAGS]
+                                      *cli.CPU_XLA_FLAGS]
   mine = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
   env = {"XLA_FLAGS": mine}
-  cifar.set_cpu_xla_flags(env)
+  cli.set_cpu_xla_flags(env)
   assert env["XLA_FLAGS"] == mine  # the user's own value wins
 
 
@@ -294,7 +296,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     p = _cli(args + ["--workdir", str(workdir)])
     deadline = time.time() + 180
     while p.poll() is None and time.time() < deadline:
-      if len(cifar.read_metrics(str(workdir))) >= kill_after:
+      if len(records.read_metrics(str(workdir))) >= kill_after:
         time.sleep(0.15 * kill_after)  # land somewhere inside the next epoch/checkpoint
         os.kill(p.pid, signal.SIGKILL)
         kills += 1
@@ -302,7 +304,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
       time.sleep(0.02)
     p.communicate(timeout=60)
     # After the crash: metrics hold epochs 1..k exactly, none past the last checkpoint.
-    history = cifar.read_metrics(str(workdir))
+    history = records.read_metrics(str(workdir))
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     done = _checkpoint_dirs_complete(workdir, allow_tmp=True)
     assert len(history) <= (done[-1] if done else 0)
@@ -330,8 +332,8 @@ def test_two_process_distributed_run(tmp_path):
                    "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
   procs = [_cli(common + ["--process-id", str(i)], devices=2) for i in range(2)]
   # Meanwhile the reference in this process (4 devices, the same global batches).
-  config = cifar.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
-                        data_dir="sample", epochs=2)
+  config = config_lib.Config(width=0.0625, batch_size=64, train_subset=256, test_subset=64,
+                             data_dir="sample", epochs=2)
   ref = cifar.train_and_evaluate(config, str(tmp_path / "single"), progress=False)
   outs = [p.communicate(timeout=240) for p in procs]
   for p, (out, err) in zip(procs, outs):
@@ -351,7 +353,7 @@ def test_bad_input_clear_errors(tmp_path):
   (corrupt / "cifar-10-python.tar.gz").write_bytes(b"\x1f\x8b not really a tarball")
   other = tmp_path / "other"
   other.mkdir()
-  stored = cifar.Config(width=0.0625, seed=7, data_dir="sample").resolved()
+  stored = config_lib.Config(width=0.0625, seed=7, data_dir="sample").resolved()
   (other / "config.json").write_text(json.dumps(stored.to_json()))
   cases = {
       "missing": (TINY[:-3] + ["--data-dir", str(tmp_path / "nowhere"), "--no-progress",
@@ -391,18 +393,18 @@ def test_table1_report_from_finished_runs(tmp_path):
   assert args.width == 0.125 and args.models == ["vgg11"] and args.allow_subset
   assert args.data_dir.endswith("shared/data/cifar10-mini")
   for i, (seed, opt) in enumerate([(0, "sgd"), (1, "sgd"), (0, "scale_amended")]):
-    w = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", opt, seed)
+    w = tmp_path / "runs" / table1_report.run_name("cifar10", "vgg11", opt, seed)
     w.mkdir(parents=True)
     lines = [{"epoch": e, "test_acc": 0.1 * (e + i), "seconds": 1.0} for e in (1, 2)]
     (w / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
-  unfinished = tmp_path / "runs" / table1.run_name("cifar10", "vgg11", "scale_amended", 1)
+  unfinished = tmp_path / "runs" / table1_report.run_name("cifar10", "vgg11", "scale_amended", 1)
   unfinished.mkdir()
   (unfinished / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.9}) + "\n")
   assert table1.main(["--mini", "--optimizers", "sgd", "scale_amended", "--seeds", "0", "1",
                       "--epochs", "2", "--workdir-root", str(tmp_path / "runs"), "--out",
                       str(tmp_path / "out"), "--report-only"]) == 0
   text = (tmp_path / "out" / "table1.md").read_text()
-  assert table1.MINI_LABEL in text
+  assert table1_report.MINI_LABEL in text
   assert "| SGD | 25.00 [20.00, 30.00] (92.34) |" in text
   assert "| scale-amended | 40.00 [40.00, 1 seed(s) missing] (92.45) |" in text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
@@ -494,24 +496,24 @@ def test_resume_by_data_identity_extension_and_compilation_cache(tmp_path):
 
 
 def test_resume_checks_data_identity_and_schedule(tmp_path):
-  config = cifar.Config(width=0.0625, epochs=10, data_dir="sample").resolved()
+  config = config_lib.Config(width=0.0625, epochs=10, data_dir="sample").resolved()
   ident = {"dataset": "cifar10", "kind": "sample", "checksum": "a" * 32, "train_images": 1000,
            "test_images": 200}
   stored = {**config.to_json(), "data": ident}
-  cifar.check_data(stored, config, dict(ident), "w")  # same checksum, any path: accepted
-  with pytest.raises(cifar.UsageError, match="other data"):
-    cifar.check_data(stored, config, {**ident, "checksum": "b" * 32}, "w")
+  records.check_data(stored, config, dict(ident), "w")  # same checksum, any path: accepted
+  with pytest.raises(config_lib.UsageError, match="other data"):
+    records.check_data(stored, config, {**ident, "checksum": "b" * 32}, "w")
   # Step decay: the boundaries move with the total, so only epochs before both may be kept.
-  longer = cifar.Config(width=0.0625, epochs=20, data_dir="sample").resolved()
-  assert "epochs 10 -> 20" in cifar.check_epochs(stored, longer, 4, 7, "w")
-  with pytest.raises(cifar.UsageError, match="learning rate of trained epoch 6 would be 0.1 "
+  longer = config_lib.Config(width=0.0625, epochs=20, data_dir="sample").resolved()
+  assert "epochs 10 -> 20" in records.check_epochs(stored, longer, 4, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="learning rate of trained epoch 6 would be 0.1 "
                      "instead of 0.01"):
-    cifar.check_epochs(stored, longer, 10, 7, "w")
+    records.check_epochs(stored, longer, 10, 7, "w")
   cosine = {**stored, "schedule": "cosine"}
-  with pytest.raises(cifar.UsageError, match="cannot be extended"):
-    cifar.check_epochs(cosine, dataclasses.replace(longer, schedule="cosine"), 1, 7, "w")
-  with pytest.raises(cifar.UsageError, match="already trained 10 epochs"):
-    cifar.check_epochs(stored, dataclasses.replace(longer, epochs=5), 10, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="cannot be extended"):
+    records.check_epochs(cosine, dataclasses.replace(longer, schedule="cosine"), 1, 7, "w")
+  with pytest.raises(config_lib.UsageError, match="already trained 10 epochs"):
+    records.check_epochs(stored, dataclasses.replace(longer, epochs=5), 10, 7, "w")
 
 
 def test_help_shows_defaults():
@@ -541,3 +543,118 @@ def test_spec_tree_of_another_model_fails_at_init():
   tx.init(shapes["vgg11"][1])  # its own model: fine (abstract params)
   with pytest.raises(ValueError, match="the spec tree does not match the params"):
     tx.init(shapes["vgg13"][1])
+
+
+# ----------------------------------------------------------------------------------------
+# Issue 20: a newcomer's first hour
+
+
+def _decays(config, steps_per_epoch):
+  """The steps where the learning rate drops, and the final learning rate."""
+  sched = state_lib.create_schedule(config, steps_per_epoch)
+  lrs = np.asarray(sched(np.arange(config.epochs * steps_per_epoch)))
+  return [int(i) + 1 for i in np.flatnonzero(np.diff(lrs))], float(lrs[-1])
+
+
+def test_step_decays_pinned_on_epochs_and_two_for_short_runs(tmp_path):
+  # Every committed and resumable run keeps its epoch-aligned decays (and its config).
+  for epochs, at in ((10, (5, 8)), (30, (15, 22)), (200, (100, 150)), (40, (20, 30))):
+    config = config_lib.Config(epochs=epochs).resolved()
+    assert config.decay_boundaries is None
+    decays, last = _decays(config, 391)
+    assert decays == [e * 391 for e in at], epochs
+    np.testing.assert_allclose(last, 1e-3, rtol=1e-5)
+  # 3 epochs: both epochs round to 2, so the decays fall at 50 % and 75 % of the steps.
+  short = config_lib.Config(epochs=3, data_dir="sample").resolved()
+  assert short.decay_boundaries == "steps"
+  decays, last = _decays(short, 7)
+  assert decays == [10, 15]
+  np.testing.assert_allclose(last, 1e-3, rtol=1e-5)
+  # A 3-epoch run stored before the field existed resumes with the schedule it started with.
+  workdir = tmp_path / "old"
+  workdir.mkdir()
+  stored = {k: v for k, v in short.to_json().items() if k != "decay_boundaries"}
+  (workdir / "config.json").write_text(json.dumps(stored))
+  resumed, _ = records.check_config(short, str(workdir))
+  assert resumed.decay_boundaries is None and _decays(resumed, 7)[0] == [14]
+
+
+def test_default_lrs_are_the_validated_ones_and_table1_keeps_the_papers(tmp_path):
+  defaults = {o: config_lib.Config(optimizer=o).resolved().lr for o in config_lib.OPTIMIZERS}
+  assert defaults == {"sgd": 0.1, "lars": 4.0, "lsalr": 0.1, "scale_amended": 0.03}
+  # The committed Table 1 runs stay resumable: the command table1.py gives each one yields a
+  # config its stored config.json accepts (the paper's lr passed explicitly).
+  runs = sorted((REPO / "train" / "results" / "table1_cpu_full" / "runs").glob("*.config.json"))
+  assert runs
+  args = table1.parse_args(["--cpu-full", "--workdir-root", str(tmp_path)])
+  for path in runs:
+    dataset, model, optimizer, seed = path.name.split(".")[0].split("-")
+    workdir = tmp_path / path.name.split(".")[0]
+    workdir.mkdir()
+    (workdir / "config.json").write_text(path.read_text())
+    cmd = table1.command(args, dataset, model, optimizer, int(seed[1:]), workdir)
+    config = config_lib.config_from_args(cifar.parse_args(cmd[2:])).resolved()
+    records.check_config(config, str(workdir))  # raises UsageError on any difference
+    assert config.lr == json.loads(path.read_text())["lr"]
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--model", "vgg12"], "argument --model: invalid choice 'vgg12'; choose from vgg11, vgg13, "
+                           "vgg16, vgg19; see"),  # as near vgg11 as vgg13: no guess
+    (["--optimizer", "scale_ammended"], "did you mean 'scale_amended'?"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+    (None, "the following arguments are required: --workdir"),
+])
+def test_a_typo_is_one_line(flags, needle, capsys):
+  argv = ["--workdir", "w"] + flags if flags else []
+  with pytest.raises(SystemExit) as e:
+    cifar.parse_args(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2
+  assert err.count("\n") == 1 and err.startswith("train/cifar.py: error: "), err
+  assert needle in err and err.rstrip().endswith("see train/cifar.py --help")
+
+
+def test_help_shows_only_real_defaults(capsys):
+  with pytest.raises(SystemExit):
+    cifar.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "default: None" not in out and "(default: False)" not in out
+  assert out.count("default: tensorflow-datasets") == 1
+  assert "sgd 0.1, lars 4, lsalr 0.1, scale_amended 0.03" in out  # chosen on validation
+  assert "sgd 0.1, lars 2, lsalr 0.1, scale_amended 0.1" in out  # the paper's
+  assert "(default: 200)" in out
+
+
+def test_a_width_below_4_channels_is_refused(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  assert cifar.main(["--data-dir", "sample", "--width", "0.001", "--epochs", "1",
+                     "--no-progress", "--no-compilation-cache", "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err
+  assert ("error: --width 0.001 leaves vgg11's narrowest convolution 1 channel(s) (of 64); at "
+          "least 4") in err and "--width 0.0547 or more" in err
+  assert not workdir.exists()
+  config_lib.validate_config(config_lib.Config(width=1 / 16).resolved())  # 4 channels: fine
+
+
+def test_a_failed_first_run_leaves_no_workdir(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  argv = ["--data-dir", str(tmp_path / "no-such-data"), "--epochs", "1", "--no-progress",
+          "--no-compilation-cache", "--workdir", str(workdir)]
+  assert cifar.main(argv) == 1  # the data fails after the workdir was made
+  assert "no-such-data" in capsys.readouterr().err
+  assert not workdir.exists()
+  workdir.mkdir()  # one that existed before the run is the user's: left as it was
+  (workdir / "notes").write_text("x")
+  assert cifar.main(argv) == 1
+  assert [p.name for p in workdir.iterdir()] == ["notes"]
+
+
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path):
+  p = _cli(TINY + ["--epochs", "1", "--workdir", str(tmp_path / "w")])
+  time.sleep(0.5)  # inside the imports (JAX takes seconds to load)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130, (p.returncode, err[-2000:])
+  assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err
+

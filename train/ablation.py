@@ -38,7 +38,6 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -555,8 +554,10 @@ def update_readme(readme: pathlib.Path = README) -> bool:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  if str(REPO) not in sys.path:  # run as a script (python train/ablation.py)
+    sys.path.insert(0, str(REPO))
+  from train import cli  # pylint: disable=import-outside-toplevel
+  p = cli.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--dataset", choices=tuple(STUDIES), default="cifar10",
                  help="cifar10: VGG11-BN, every reading; cifar100: VGG13-BN, SGD, the default "
                       "scale-amended reading, LARS, LSALR")

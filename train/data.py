@@ -1,4 +1,6 @@
-"""CIFAR-10/100 for the trainer: three ways to load it, and the on-device input pipeline.
+"""CIFAR-10/100 for the trainer: three ways to load it into host memory, and its checks.
+
+The on-device input pipeline (augmentation, normalization, shuffling) is ``train.pipeline``.
 
 Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``int32`` labels):
 
@@ -59,20 +61,6 @@ Errors and exit contract: every problem with the data or its source raises :clas
 alternatives). The CLI (``train/cifar.py``) catches ``DataError``, prints ``error: <message>``
 to stderr and exits with status 1, without a traceback; any other exception is a bug and
 propagates.
-
-Input pipeline (pure JAX, jit-able, no host round trips; the trainer holds the whole dataset on
-the device, possibly sharded along the batch axis)::
-
-  shuffle_key, augment_key = epoch_keys(seed, epoch)
-  idx = batch_indices(jax.random.permutation(shuffle_key, n), batch_size)  # [steps, batch]
-
-  def step(state, xs):
-    i, batch_idx = xs
-    images = augment(jax.random.fold_in(augment_key, i), train_images[batch_idx])
-    images = normalize(images, "cifar10", jnp.bfloat16)
-    ...
-
-  state, _ = jax.lax.scan(step, state, (jnp.arange(idx.shape[0]), idx))
 """
 
 from __future__ import annotations
@@ -89,12 +77,9 @@ import threading
 import zlib
 from typing import Callable, NamedTuple, Optional, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
-IntLike = Union[int, jax.Array]
 
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 REPO_ROOT = SAMPLE_DIR.parent.parent  # the checkout (or install prefix) holding train/
@@ -325,7 +310,7 @@ def load_cifar(
   if path.is_dir():
     train_names, absent = _present_train_files(path, fmt, allow_subset)
     files = {name: _read_file(path / name) for name in train_names + fmt.test}
-    checked, separator = _verify_files(path, fmt, files, dataset, allow_subset), "/"
+    checked, separator = _verify_files(path, fmt, spec, files, dataset, allow_subset), "/"
     if absent:
       checked += f"; {', '.join(absent)} absent"
   else:
@@ -373,9 +358,20 @@ def _present_train_files(path: pathlib.Path, fmt: _Format, allow_subset: bool) -
   return tuple(name for name in fmt.train if name not in absent), absent
 
 
-def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dataset: str,
-                  allow_subset: bool) -> str:
-  """Checks extracted files against their published MD5s; returns how they were checked."""
+def _official_images(fmt: _Format, name: str) -> int:
+  """How many images the official file ``name`` holds (10000 for every CIFAR-10 batch)."""
+  train, test = OFFICIAL_COUNTS
+  return train // len(fmt.train) if name in fmt.train else test // len(fmt.test)
+
+
+def _verify_files(path: pathlib.Path, fmt: _Format, spec: _Spec, files: dict[str, bytes],
+                  dataset: str, allow_subset: bool) -> str:
+  """Checks extracted files against their published MD5s; returns how they were checked.
+
+  A file that differs is a subset only if it holds fewer (or more) images than the official
+  one; with the official count it is a damaged copy, refused with or without
+  ``allow_subset``, as is one that is not a CIFAR batch at all (:func:`_parse`'s error).
+  """
   published = OFFICIAL_FILE_MD5.get(fmt.directory)
   if published is None:
     return ("extracted directory: structure and labels checked; the binary version has no "
@@ -384,6 +380,14 @@ def _verify_files(path: pathlib.Path, fmt: _Format, files: dict[str, bytes], dat
             if (md5 := hashlib.md5(blob).hexdigest()) != published[name]]
   if not differ:
     return f"extracted official files, per-file MD5 verified ({len(files)} files)"
+  for name, md5, expected in differ:
+    where = portable_path(path / name)
+    count = len(_parse(files[name], where, spec, fmt)[1])
+    if count == _official_images(fmt, name):
+      raise DataError(
+          f"{where}: MD5 {md5}, expected {expected} (the official {dataset} file), yet it "
+          f"holds the official {count} images: the file is corrupted or modified, not a "
+          "subset; restore it from the official archive")
   if not allow_subset:
     name, md5, expected = differ[0]
     more = f"; {len(differ) - 1} more of its {len(files)} files differ" if len(differ) > 1 else ""
@@ -589,80 +593,3 @@ def _parse(blob: bytes, where: str, spec: _Spec, fmt: _Format) -> tuple[np.ndarr
     raise DataError(
         f"{where}: labels span {labels.min()}..{labels.max()}, outside 0..{spec.num_classes - 1}")
   return data, labels
-
-
-# ----------------------------------------------------------------------------------------------
-# On-device pipeline.
-
-# Per-channel mean and standard deviation of the training images in [0, 1] (RGB).
-CHANNEL_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-}
-PAD = 4  # pixels of zero padding for the random crops
-
-
-def normalize(images: jax.Array, dataset: str = "cifar10", dtype=jnp.float32) -> jax.Array:
-  """Maps ``uint8`` images to zero mean, unit variance per channel; computed in float32."""
-  mean, std = (np.asarray(s, np.float32) for s in CHANNEL_STATS[dataset])
-  return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
-
-
-def augment(key: jax.Array, images: jax.Array) -> jax.Array:
-  """Random crop of the 4-pixel zero-padded image and random horizontal flip, per image.
-
-  Apply it to the ``uint8`` images before :func:`normalize` (the standard recipe: padding is
-  black, as in torchvision's ``RandomCrop(32, padding=4)``); on normalized images the padding
-  is the mean color instead.
-
-  Args:
-    key: PRNG key; each image draws its own crop offset (uniform over the 9 × 9 positions) and
-      flip (probability 1/2) from it.
-    images: ``[B, H, W, C]``, any dtype.
-
-  Returns:
-    ``[B, H, W, C]`` of the same dtype.
-  """
-  b, h, w, c = images.shape
-  # Draw the per-image randomness sharded like the images' batch axis: under an explicit mesh,
-  # vmap refuses operands whose mapped axes are sharded differently.
-  sharding = jax.typeof(images).sharding
-  batch_sharded = lambda *rest: sharding.update(spec=jax.sharding.PartitionSpec(
-      sharding.spec[0], *rest))
-  crop_key, flip_key = jax.random.split(key)
-  corners = jax.random.randint(crop_key, (b, 2), 0, 2 * PAD + 1,
-                               out_sharding=batch_sharded(None))
-  flips = jax.random.bernoulli(flip_key, 0.5, (b,), out_sharding=batch_sharded())
-  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
-  # Crop as one vmapped dynamic_slice (a single gather). Jitted, on the 2-core CPU, for a
-  # 128 x 32 x 32 x 3 uint8 batch: 0.3-0.4 ms, as fast as two take_along_axis gathers
-  # (0.4 ms); one-hot selection matmuls take 1.4 ms and masked sums over the 81 shifts 7-9 ms.
-  crops = jax.vmap(lambda image, yx: jax.lax.dynamic_slice(image, (yx[0], yx[1], 0), (h, w, c)))(
-      padded, corners)
-  return jnp.where(flips[:, None, None, None], crops[:, :, ::-1], crops)
-
-
-def epoch_keys(seed: IntLike, epoch: IntLike) -> tuple[jax.Array, jax.Array]:
-  """Returns ``(shuffle_key, augment_key)`` for an epoch, a pure function of ``(seed, epoch)``.
-
-  Fold the step into ``augment_key`` for per-step augmentation keys. ``epoch`` may be traced.
-  """
-  shuffle_key, augment_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), epoch))
-  return shuffle_key, augment_key
-
-
-def epoch_permutation(seed: IntLike, epoch: IntLike, n: int) -> jax.Array:
-  """The order of the ``n`` training examples in ``epoch``: deterministic, new every epoch."""
-  return jax.random.permutation(epoch_keys(seed, epoch)[0], n)
-
-
-def batch_indices(permutation: jax.Array, batch_size: int) -> jax.Array:
-  """Splits a permutation into ``[steps, batch_size]`` indices, ``steps = n // batch_size``.
-
-  The last ``n % batch_size`` examples of the permutation are dropped (a different set every
-  epoch). Row ``i`` indexes the dataset for step ``i``: scan over the rows, or index them.
-  """
-  steps = permutation.shape[0] // batch_size
-  if steps == 0:
-    raise ValueError(f"batch size {batch_size} exceeds the {permutation.shape[0]} examples")
-  return permutation[: steps * batch_size].reshape(steps, batch_size)

@@ -65,13 +65,13 @@ def log(msg: str) -> None:
 
 def load_images(data_dir: str, batch_size: int, seed: int):
   """A fixed random batch of normalized CIFAR-10 training images (float32 NHWC) and its source."""
-  from train import data as data_lib
+  from train import data as data_lib, pipeline
   ds = data_lib.load_cifar("cifar10", data_dir)
   n = ds.train_images.shape[0]
   if batch_size > n:
     raise SystemExit(f"--batch-size {batch_size} exceeds the {n} images of {ds.source}")
   idx = np.sort(np.random.default_rng(seed).choice(n, batch_size, replace=False))
-  images = data_lib.normalize(jnp.asarray(ds.train_images[idx]), "cifar10")
+  images = pipeline.normalize(jnp.asarray(ds.train_images[idx]), "cifar10")
   return images, ds.source
 
 
@@ -344,23 +344,24 @@ class CheckpointUnavailable(Exception):
 def load_checkpoint(workdir: str):
   """(model name, width, num_classes, params pure dict, epoch) from a train/cifar.py workdir."""
   try:
-    from train import cifar
+    from train import records, state as state_lib
   except Exception as e:  # the trainer may not exist yet or fail to import
-    raise CheckpointUnavailable(f"train/cifar.py cannot be imported ({type(e).__name__}: {e})")
-  needed = ("load_config", "checkpoint_manager", "create_train_state", "restore_checkpoint")
-  missing = [n for n in needed if not hasattr(cifar, n)]
+    raise CheckpointUnavailable(f"the trainer (train/) cannot be imported ({type(e).__name__}: {e})")
+  needed = ((records, "load_config"), (records, "checkpoint_manager"),
+            (state_lib, "create_train_state"), (records, "restore_checkpoint"))
+  missing = [n for module, n in needed if not hasattr(module, n)]
   if missing:
-    raise CheckpointUnavailable(f"train/cifar.py has no {', '.join(missing)}: the checkpoint "
+    raise CheckpointUnavailable(f"the trainer has no {', '.join(missing)}: the checkpoint "
                                 "format this script reads is not available")
   try:
-    config = cifar.load_config(workdir)
-    mngr = cifar.checkpoint_manager(workdir)
+    config = records.load_config(workdir)
+    mngr = records.checkpoint_manager(workdir)
     epoch = mngr.latest_step()
     if epoch is None:
       raise CheckpointUnavailable(f"no checkpoint in {workdir}")
     num_classes = 100 if config.dataset == "cifar100" else 10
-    _, state = cifar.create_train_state(config, num_classes, 1)
-    state, _ = cifar.restore_checkpoint(mngr, state, epoch)
+    _, state = state_lib.create_train_state(config, num_classes, 1)
+    state, _ = records.restore_checkpoint(mngr, state, epoch)
     mngr.close()
   except CheckpointUnavailable:
     raise
@@ -521,8 +522,8 @@ def report_command(argv, args) -> str:
 def describe_run(workdir: str) -> str:
   """A train/cifar.py work directory by what it holds (its config), not by its path."""
   try:
-    from train import cifar
-    c = cifar.load_config(workdir)
+    from train import records
+    c = records.load_config(workdir)
   except Exception as e:  # a report line, not a reason to fail
     return f"a train/cifar.py work directory (config unreadable: {type(e).__name__})"
   if c.data_dir is None:
