@@ -20,8 +20,11 @@ the schedule, from the run records:
 * the training loss and validation accuracy at the end of each phase, which say whether the
   pace difference shows up where it is supposed to matter.
 
-Runs are grouped by reading and learning rate (seeds pooled by their median). Writes
-``block_pace.md`` and ``block_pace.png`` into ``--out``.
+Runs are grouped by reading and learning rate (seeds pooled by their median). The report ends
+with the scale-amended factors of a freshly initialized VGG13-BN w1/8 with 10 and with 100
+classes (:func:`init_factors`): the classifier's scalar ``m_z`` grows with its number of
+outputs and divides every factor below it. Writes ``block_pace.md`` and ``block_pace.png``
+into ``--out``.
 
 Example::
 
@@ -39,6 +42,8 @@ import sys
 from typing import NamedTuple, Optional
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make the repository importable
+  sys.path.insert(0, str(REPO))
 RESULTS = REPO / "train" / "results"
 OUT = RESULTS / "block_pace"
 
@@ -163,11 +168,44 @@ def collect(studies) -> list:
   return out
 
 
+def init_factors(model: str = "vgg13", num_classes: int = 10, width: float = 0.125,
+                 seed: int = 0) -> list:
+  """The default scale-amended factor of each block's kernel (block order, the classifier
+  last) for a freshly initialized ``train.models`` model."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import optax_bm  # pylint: disable=import-outside-toplevel
+  from train import models  # pylint: disable=import-outside-toplevel
+  net = models.create(model, num_classes, width=width, rngs=nnx.Rngs(seed))
+  specs = optax_bm.annotate(net, jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32))
+  factors = optax_bm.block_scales(specs, nnx.state(net, nnx.Param))
+  is_spec = lambda x: isinstance(x, optax_bm.LayerSpec)  # noqa: E731
+  kernels = [(spec.block, float(f)) for spec, f in zip(
+      jax.tree_util.tree_leaves(specs, is_leaf=is_spec), jax.tree_util.tree_leaves(factors))
+      if is_spec(spec) and spec.is_kernel]
+  return [f for _, f in sorted(kernels)]
+
+
+def _init_factor_lines() -> list:
+  rows = {n: init_factors(num_classes=n) for n in (10, 100)}
+  med = {n: statistics.median(f[:-1]) for n, f in rows.items()}
+  return ["## Factors at initialization: 10 against 100 classes", "",
+          "Default scale-amended factor of each kernel (`optax_bm.block_scales`), VGG13-BN w1/8, "
+          "seed 0, conv blocks 0–9 then the classifier (factor 1 by construction).", "",
+          "| classes | " + " | ".join(str(b) for b in range(len(rows[10]))) + " | median conv |",
+          "|---|" + "---|" * (len(rows[10]) + 1)] + [
+              f"| {n} | " + " | ".join(f"{x:.3g}" for x in f) + f" | {med[n]:.3g} |"
+              for n, f in rows.items()] + [
+          "", f"With 100 classes every conv block's factor is {med[10] / med[100]:.1f}× smaller "
+          "relative to the classifier's.", ""]
+
+
 def _e(x) -> str:
   return "—" if x is None else f"{x:.2e}"
 
 
-def write_report(collected: list, path: pathlib.Path) -> str:
+def write_report(collected: list, path: pathlib.Path, with_init_factors: bool = False) -> str:
   lines = [
       "# Per-block pace across the learning-rate decays",
       "",
@@ -212,6 +250,8 @@ def write_report(collected: list, path: pathlib.Path) -> str:
         lines.append(f"| {label} | " + " | ".join(
             f"{rows[k]['last'] / base[k]['last']:.2f}" for k in range(n)) + " |")
     lines.append("")
+  if with_init_factors:
+    lines += _init_factor_lines()
   text = "\n".join(lines) + "\n"
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
@@ -236,8 +276,8 @@ def plot(collected: list, path: pathlib.Path) -> None:
                       alpha=0.15)
     ax.set(xlabel="epoch", ylabel="angular step per step, ‖ΔW_b‖/‖W_b‖", title=title)
     ax.legend(fontsize=7)
-  fig.suptitle("Median block (line) and range over blocks (shaded), seed 0: SGD re-equilibrates "
-               "after each decay, scale-amended SGD does not")
+  fig.suptitle("Effective angular step of the blocks' kernels: median block (line) and range "
+               "over blocks (shaded), seed 0")
   fig.tight_layout()
   tmp = path.with_name(f".{path.stem}.tmp.png")
   fig.savefig(tmp, dpi=110)
@@ -260,7 +300,7 @@ def main(argv=None) -> int:
           f"{os.path.relpath(RESULTS)}", file=sys.stderr)
     return 1
   out = pathlib.Path(args.out)
-  print(write_report(collected, out / "block_pace.md"))
+  print(write_report(collected, out / "block_pace.md", with_init_factors=True))
   if not args.no_plot:
     plot(collected, out / "block_pace.png")
   return 0
