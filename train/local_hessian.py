@@ -1,4 +1,5 @@
-"""Local-Hessian analysis of VGG-like blocks on real CIFAR images (SPEC §5; issue 5).
+"""Local-Hessian analysis of VGG-like blocks on real CIFAR images
+(docs/method.md#5-local-hessians-measured; issue 5).
 
 Two analyses, both on a batch of real CIFAR-10 images (the shipped sample by default):
 
@@ -9,17 +10,18 @@ Two analyses, both on a batch of real CIFAR-10 images (the shipped sample by def
     every C→C block is measured: largest and smallest eigenvalue (Lanczos with full
     reorthogonalization), mean eigenvalue (Hutch++ for ``H_W``, Hutchinson for ``H_z``),
     condition number, the fraction of zero eigenvalues of ``H_z`` (an exact lower bound from
-    counting inactive ReLUs, and a stochastic Lanczos quadrature estimate), and the SPEC §3
-    scalar next to the mean. Under BatchNorm the output is
+    counting inactive ReLUs, and a stochastic Lanczos quadrature estimate), and the scalar of
+    docs/method.md#3-scalar-local-hessians next to the mean. Under BatchNorm the output is
     invariant (up to BatchNorm's ε) to rescaling each output channel's kernel, so ``H_W`` has
     ``n_out`` (numerically) zero eigenvalues; its smallest eigenvalue and condition number are
     reported on the orthogonal complement of those known directions (Lanczos on ``P H_W P``).
     Runs in float64.
 
-(b) ``vgg``: for every block of a VGG-BN (``train.models``, ``--width`` multiplier), the SPEC §3
-    scalars ``m_{b,W}``, ``m_{b,z}`` (and ``m_{b,a}`` for the BatchNorm offset / classifier bias)
-    against the measured mean eigenvalues, at initialization and, with ``--checkpoint WORKDIR``
-    (a ``train/cifar.py`` work directory), at the last checkpoint: a markdown table and a PNG.
+(b) ``vgg``: for every block of a VGG-BN (``train.models``, ``--width`` multiplier), the
+    scalars of docs/method.md#3-scalar-local-hessians ``m_{b,W}``, ``m_{b,z}`` (and ``m_{b,a}``
+    for the BatchNorm offset / classifier bias) against the measured mean eigenvalues, at
+    initialization and, with ``--checkpoint WORKDIR`` (a ``train/cifar.py`` work directory), at
+    the last checkpoint: a markdown table and a PNG.
 
 This module is the command line and the helpers both share; (a) is in
 ``train/local_hessian_blocks.py``, (b) in ``train/local_hessian_vgg.py``.
@@ -124,8 +126,9 @@ def describe_run(workdir: str) -> str:
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description="Local-Hessian spectra of VGG-like blocks and SPEC §3 "
-                              "scalars vs. measured mean eigenvalues (SPEC §5).")
+  p = argparse.ArgumentParser(description="Local-Hessian spectra of VGG-like blocks and the "
+                              "scalar local Hessians vs. measured mean eigenvalues "
+                              "(docs/method.md#5-local-hessians-measured).")
   p.add_argument("--out", required=True, help="output directory (markdown, PNG, JSON)")
   p.add_argument("--part", choices=("all", "blocks", "vgg"), default="all")
   p.add_argument("--data-dir", default="sample",
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
   if args.part in ("all", "vgg"):
     md = part_vgg(args, images, args.out)
     with open(os.path.join(args.out, "vgg.md"), "w") as f:
-      f.write("# SPEC scalars vs. measured local-Hessian mean eigenvalues\n\n" + header + md)
+      f.write("# Scalar local Hessians vs. measured mean eigenvalues\n\n" + header + md)
     log(f"(b) written {os.path.join(args.out, 'vgg.md')}")
   log(f"done in {time.time() - t0:.0f}s")
   return 0

@@ -207,10 +207,10 @@ def blocks_markdown(rows, args) -> str:
       "a skip connection keeps every row alive ('–'). 'SLQ mass' = the fraction of eigenvalues "
       f"≤ {SMALL_REL:g}·λ_max estimated by Lanczos quadrature from one Rademacher probe "
       "(resolution limited by the number of steps).", "",
-      "The SPEC §3 scalars use s = 1024, c = 1; the SPEC's blocks have no skip connection, so "
+      "The scalars of `docs/method.md#3-scalar-local-hessians` use s = 1024, c = 1; its blocks have no skip connection, so "
       "for skip blocks the scalar is shown for reference only.", "",
       "### H_W (kernel)", "",
-      "| config | block | λ_max | λ_min⁺ | κ⁺ | null res. | mean ± s.e. | λ_max/mean | m_W (SPEC) "
+      "| config | block | λ_max | λ_min⁺ | κ⁺ | null res. | mean ± s.e. | λ_max/mean | m_W (scalar) "
       "| mean/m_W |",
       "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
@@ -223,7 +223,7 @@ def blocks_markdown(rows, args) -> str:
         f"{_g(r['m_w'])} | {r['w_mean'] / r['m_w']:.3f} |")
   lines += ["", "### H_z (block input, whole batch)", "",
             "| config | block | E[z²] | λ_max | λ_min | zero eig. ≥ | SLQ mass | κ | "
-            "mean ± s.e. | λ_max/mean | m_z (SPEC) | mean/m_z |",
+            "mean ± s.e. | λ_max/mean | m_z (scalar) | mean/m_z |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     cfg = r["config"]

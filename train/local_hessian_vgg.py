@@ -20,7 +20,7 @@ from optax_bm.specs import LayerSpec
 from train.local_hessian import _g, checkpoint_names, describe_run, log
 
 # ----------------------------------------------------------------------------------------------
-# (b) VGG-BN: SPEC scalars against the measured mean eigenvalue, per block
+# (b) VGG-BN: the scalars against the measured mean eigenvalue, per block
 # ----------------------------------------------------------------------------------------------
 
 
@@ -118,16 +118,16 @@ def _ratio(x):
 
 def vgg_markdown(results, args, title) -> str:
   lines = [
-      f"## (b) {title}: SPEC §3 scalars vs. measured mean eigenvalue, per block", "",
+      f"## (b) {title}: scalar local Hessians vs. measured mean eigenvalue, per block", "",
       f"Batch of {args.batch_size} real CIFAR-10 images, BatchNorm on batch statistics, float32. "
       f"Measured: tr(H)/dim by Hutchinson ({args.samples} Rademacher vectors, ± one standard "
       "error); H_W is the kernel's block of H_θ = J_θᵀJ_θ/N, H_z = J_zᵀJ_z over the whole batch; "
       "the offset column is the exact mean eigenvalue of the BatchNorm offset's block (the "
       "classifier's bias for the last block) against m_a = s. E[z²]: second moment of the "
-      "block's input; E[γ²]: mean squared BatchNorm scale, which the SPEC's scalars ignore "
+      "block's input; E[γ²]: mean squared BatchNorm scale, which the scalars ignore "
       "(H_W, H_z and the offset's block all scale with γ²). The top block (classifier) is "
-      "measured with identity loss curvature, as the SPEC takes it. ratio = measured / scalar "
-      "(1 = the scalar is the mean eigenvalue).", ""]
+      "measured with identity loss curvature, as `docs/method.md#3-scalar-local-hessians` "
+      "takes it. ratio = measured / scalar (1 = the scalar is the mean eigenvalue).", ""]
   for label, rows in results:
     lines += [f"### {label}", "",
               "| block | kind | s | c | E[z²] | E[γ²] | m_W | mean(H_W) | ratio W | m_z | "
@@ -162,7 +162,7 @@ def plot_vgg(results, path, title):
       ax.errorbar(b, mean, yerr=se, fmt="o-", ms=4, color=color)
       axes[2].plot(b, mean / m, "o-" if key == "w" else "s:", ms=4, color=color)
   for ax, name in ((axes[0], "H_W (kernel)"), (axes[1], "H_z (block input)")):
-    ax.set_title(f"{name}: measured tr/dim (solid) vs SPEC scalar (dashed)", fontsize=10)
+    ax.set_title(f"{name}: measured tr/dim (solid) vs scalar (dashed)", fontsize=10)
   axes[2].axhline(1.0, color="k", lw=0.8)
   axes[2].set_title("measured / scalar: H_W (solid, o), H_z (dotted, s)", fontsize=10)
   for ax in axes:
