@@ -140,7 +140,6 @@ def sweep(reading: str) -> tuple:
   return {"lars": LARS_LRS, "lsalr": LSALR_LRS}.get(reading, LRS)
 
 
-
 def screen_runs(rows=None) -> list:
   """The screen's runs; with ``rows`` (finished runs, :func:`collect`) also its extensions:
   a reading whose best learning rate on validation is the lowest (highest) it has tried, once
@@ -178,8 +177,6 @@ def confirm_runs(finalists) -> list:
                          f"{', '.join(READINGS)}")
       runs.append(Run(reading, float(lr), CONFIRM_EPOCHS, seed))
   return runs
-
-
 
 
 def command(run: Run) -> list:

@@ -1,6 +1,8 @@
 """CIFAR-10/100 for the trainer: three ways to load it into host memory, and its checks.
 
 The on-device input pipeline (augmentation, normalization, shuffling) is ``train.pipeline``.
+Way 1 below is in ``train.data_tfds``, the published checksums in ``train.data_checksums``
+(both re-exported here).
 
 Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``int32`` labels):
 
