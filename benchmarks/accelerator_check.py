@@ -7,9 +7,10 @@ On whatever devices JAX finds, in this order (each section prints as it finishes
    training runs), FLOP/s from the timed calls.
 3. **Correctness on the device** (float32, ``jax.default_matmul_precision("highest")``):
    ``optax_bm.scale_by_back_matching`` on a VGG11-BN equals the block-by-block ``"scalar"``
-   back-matching step of ``optax_bm.backmatching.back_matching_step`` (SPEC §2), and differs
-   from the raw gradient (so the check can fail); a data-parallel step of the trainer's own
-   ``train.steps.train_step`` sharded over every device equals the same step on one device.
+   back-matching step of ``optax_bm.backmatching.back_matching_step``
+   (docs/method.md#2-back-matching-propagation), and differs from the raw gradient (so the
+   check can fail); a data-parallel step of the trainer's own ``train.steps.train_step``
+   sharded over every device equals the same step on one device.
 4. **Training throughput**: the trainer's ``train.steps.make_train_steps`` with a whole chunk
    of steps as one ``lax.scan`` (how the trainer runs an epoch on an accelerator), VGG11 and
    VGG16 at full width, batch 128, float32 and bfloat16, on a synthetic device-resident uint8

@@ -38,11 +38,9 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -50,12 +48,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script (python train/ablation.py): `train` is a package
+  sys.path.insert(0, str(REPO))
+
+# pylint: disable=wrong-import-position
+from train import ablation_report
+# The run records and the protocol's constants live with the report; re-exported here.
+from train.ablation_report import (BATCH, CONFIRM_EPOCHS, SCREEN_EPOCHS, VAL_SPLIT, WIDTH, Run,
+                                   best_lrs, read_metrics, status)
+# pylint: enable=wrong-import-position
+
 CIFAR_PY = REPO / "train" / "cifar.py"
 DATA_DIR = REPO.parent / "shared" / "data" / "cifar10" / "cifar-10-batches-py"
 OUT = REPO / "train" / "results" / "ablation_cifar10"
 WORKDIRS = REPO / "workdirs" / "ablation_cifar10"
-VAL_SPLIT = 5000
-MODEL, WIDTH, BATCH = "vgg11", 0.125, 128
+MODEL = "vgg11"
 
 # Readings of the open points, docs/method.md §6 (trainer flags). "sa_unscaled" is the base the single-point variations
 # start from: SPEC v1 with bias/BatchNorm left at plain SGD, the library's default (chosen on
@@ -88,10 +95,7 @@ LSALR_LRS = (0.1, 0.03, 0.3)
 # Where a sweep is extended when its best learning rate is at one of its ends.
 LADDER = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LARS_LADDER = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-SCREEN_EPOCHS, CONFIRM_EPOCHS, CONFIRM_SEEDS = 10, 30, (0, 1, 2)
-COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "lsalr": "tab:olive", "sa_v1": "tab:red", "sa_unscaled": "tab:green",
-          "sa_pool_after": "tab:purple", "sa_pool_effective": "tab:brown",
-          "sa_gamma": "tab:pink", "sa_decay_after": "tab:gray"}
+CONFIRM_SEEDS = (0, 1, 2)
 
 
 TITLE = "Full CIFAR-10, VGG11-BN"  # figures and tables
@@ -136,17 +140,6 @@ def sweep(reading: str) -> tuple:
   return {"lars": LARS_LRS, "lsalr": LSALR_LRS}.get(reading, LRS)
 
 
-class Run(NamedTuple):
-  reading: str
-  lr: float
-  epochs: int
-  seed: int
-
-  @property
-  def name(self) -> str:
-    return f"{self.reading}-lr{self.lr:g}-e{self.epochs}-s{self.seed}"
-
-
 def screen_runs(rows=None) -> list:
   """The screen's runs; with ``rows`` (finished runs, :func:`collect`) also its extensions:
   a reading whose best learning rate on validation is the lowest (highest) it has tried, once
@@ -184,21 +177,6 @@ def confirm_runs(finalists) -> list:
                          f"{', '.join(READINGS)}")
       runs.append(Run(reading, float(lr), CONFIRM_EPOCHS, seed))
   return runs
-
-
-def read_metrics(path: pathlib.Path) -> list:
-  if not path.exists():
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def status(history: list, epochs: int) -> str:
-  if history and history[-1].get("diverged"):
-    return "diverged"
-  if history and history[-1].get("epoch") == epochs:
-    return "finished"
-  return "unfinished" if history else "not started"
 
 
 def command(run: Run) -> list:
@@ -257,260 +235,20 @@ def sync_results() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Report
+# Report (train/ablation_report.py), for the current study
 
 
 def collect() -> list:
-  rows = []
-  for cfg in sorted(OUT.glob("runs/*.config.json")):
-    name = cfg.name[:-len(".config.json")]
-    reading, lr, epochs, seed = name.rsplit("-", 3)
-    hist = read_metrics(OUT / "runs" / f"{name}.metrics.jsonl")
-    run = Run(reading, float(lr[2:]), int(epochs[1:]), int(seed[1:]))
-    rows.append((run, hist, status(hist, run.epochs)))
-  return rows
-
-
-def _final(hist, key):
-  v = hist[-1].get(key) if hist else None
-  return None if v is None else float(v)
-
-
-def _pct(x) -> str:
-  return "—" if x is None else f"{100 * x:.2f}"
-
-
-def _spread(xs) -> str:
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return "—"
-  med = statistics.median(xs)
-  return f"{100 * med:.2f} [{100 * min(xs):.2f}–{100 * max(xs):.2f}]" if len(xs) > 1 else \
-      f"{100 * med:.2f}"
-
-
-def best_lrs(rows, epochs: int) -> dict:
-  """Per reading, the learning rate with the highest final validation accuracy (seed 0)."""
-  best = {}
-  for run, hist, st in rows:
-    if run.epochs != epochs or run.seed != 0:
-      continue
-    acc = _final(hist, "val_acc") if st == "finished" else None
-    if acc is not None and (run.reading not in best or acc > best[run.reading][1]):
-      best[run.reading] = (run.lr, acc)
-  return best
-
-
-def write_table(rows) -> str:
-  lines = [
-      f"# Does scale-amended SGD beat SGD? Ablation on the {TITLE.split(',')[0].replace('Full', 'full')}",
-      "",
-      f"{TITLE.split(', ')[1]} width {WIDTH:g}, batch {BATCH}, step decay (x0.1 at 50% and 75%), Nesterov "
-      f"momentum 0.9, float32, CPU. Training on 45,000 images; the last {VAL_SPLIT:,} training "
-      "images are a held-out validation split (choices are made on it); test = the official "
-      "10,000 test images (reported, never used to choose). Final-epoch numbers. Weight decay: "
-      "SGD/LARS 1e-3, scale-amended 5e-3 (the paper's settings). Generated by "
-      "`python train/ablation.py --report-only` from `runs/`.",
-      "",
-  ]
-  for epochs, title in ((SCREEN_EPOCHS, "Screen: one seed"),
-                        (CONFIRM_EPOCHS, "Confirmation: up to 3 seeds")):
-    sel = [r for r in rows if r[0].epochs == epochs]
-    if not sel:
-      continue
-    lines += [f"## {title}, {epochs} epochs", ""]
-    if epochs == SCREEN_EPOCHS:
-      lrs = sorted({r[0].lr for r in sel})
-      lines += ["Final validation accuracy % (test accuracy %) per learning rate; "
-                "`div` = training loss turned non-finite (run stopped); the best learning "
-                "rate of each reading on validation in bold.", ""]
-      lines += ["| reading | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
-                "|---|" + "---|" * len(lrs)]
-      best = best_lrs(rows, epochs)
-      for reading, (label, _) in READINGS.items():
-        cells, any_run = [], False
-        for lr in lrs:
-          match = [r for r in sel if r[0].reading == reading and r[0].lr == lr]
-          if not match:
-            cells.append("")
-            continue
-          any_run = True
-          _, hist, st = match[0]
-          if st == "diverged":
-            cells.append(f"div (ep {hist[-1]['epoch']})")
-            continue
-          if st != "finished":
-            cells.append("…")
-            continue
-          cell = f"{_pct(_final(hist, 'val_acc'))} ({_pct(_final(hist, 'test_acc'))})"
-          if best.get(reading, (None,))[0] == lr:
-            cell = f"**{cell}**"
-          cells.append(cell)
-        if any_run:
-          lines.append(f"| {label} | " + " | ".join(cells) + " |")
-      lines.append("")
-    else:
-      lines += ["Median [min–max] over seeds of the final-epoch accuracy %, best median "
-                "validation accuracy first.", "",
-                "| reading | lr | seeds | validation | test | train loss |", "|---|---|---|---|---|---|"]
-      groups = {}
-      for r in sel:
-        if r[2] == "finished":
-          groups.setdefault((r[0].reading, r[0].lr), []).append(r)
-      order = sorted(groups, key=lambda k: -statistics.median(
-          _final(h, "val_acc") or 0.0 for _, h, _ in groups[k]))
-      for reading, lr in order:
-        fin = groups[(reading, lr)]
-        loss = statistics.median(_final(h, "train_loss") or float("nan") for _, h, _ in fin)
-        lines.append(f"| {READINGS[reading][0]} | {lr:g} | {len(fin)} | "
-                     f"{_spread([_final(h, 'val_acc') for _, h, _ in fin])} | "
-                     f"{_spread([_final(h, 'test_acc') for _, h, _ in fin])} | {loss:.3f} |")
-      lines.append("")
-  lines += _block_table(rows)
-  text = "\n".join(lines) + "\n"
-  tmp = OUT / ".ablation.md.tmp"
-  tmp.write_text(text)
-  os.replace(tmp, OUT / "ablation.md")
-  return text
-
-
-def _block_table(rows) -> list:
-  """Per block at the best lr of each reading (screen): angular step, factor, |W|, E[γ²]."""
-  best = best_lrs(rows, SCREEN_EPOCHS)
-  out = []
-  for reading, (lr, _) in best.items():
-    hist = next(h for r, h, _ in rows if r.reading == reading and r.lr == lr
-                and r.epochs == SCREEN_EPOCHS and r.seed == 0)
-    if "blocks" not in hist[0]:
-      continue
-    if not out:
-      out += ["## Per block, at each reading's best learning rate (screen)", "",
-              "Effective angular step = mean over an epoch's steps of ‖ΔW_b‖/‖W_b‖ (kernel), "
-              "in epoch 1 and in the last epoch before the first decay (epoch 5); factor = the "
-              "mean scale-amended factor A_b/m_{b,W} in epoch 5; ‖W_b‖ and E[γ²] at the end of "
-              f"training. Blocks 0–{len(hist[0]['blocks']['angular_step']) - 2} are the "
-              f"convolutions, {len(hist[0]['blocks']['angular_step']) - 1} the classifier.", ""]
-    e1 = hist[0]["blocks"]
-    e5 = hist[min(4, len(hist) - 1)]["blocks"]
-    last = hist[-1]["blocks"]
-    fmt = lambda xs: " ".join("—" if x is None else f"{x:.3g}" for x in xs)
-    out += [f"**{READINGS[reading][0]}, lr {lr:g}**", "",
-            f"- angular step, epoch 1: {fmt(e1['angular_step'])}",
-            f"- angular step, epoch 5: {fmt(e5['angular_step'])}"]
-    if "factor" in e5:
-      out.append(f"- factor, epoch 5: {fmt(e5['factor'])}")
-    out += [f"- ‖W_b‖, end: {fmt(last['w_norm'])}",
-            f"- E[γ²], end: {fmt(last['gamma2'])}", ""]
-  return out
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  return plt
-
-
-def _save_figure(fig, name: str) -> None:
-  """Writes ``OUT/name`` atomically (a reader never sees half a PNG) and closes ``fig``."""
-  tmp = OUT / f".{name}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, OUT / name)
-  _pyplot().close(fig)
-
-
-def plot(rows) -> None:
-  plt = _pyplot()
-  best = best_lrs(rows, SCREEN_EPOCHS)
-  if not best:
-    return
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-  for reading, (lr, _) in best.items():
-    hist = next(h for r, h, _ in rows if r.reading == reading and r.lr == lr
-                and r.epochs == SCREEN_EPOCHS and r.seed == 0)
-    ep = [h["epoch"] for h in hist]
-    kw = dict(color=COLORS.get(reading), label=f"{READINGS[reading][0]}, lr {lr:g}")
-    axes[0].plot(ep, [h.get("train_loss") for h in hist], **kw)
-    axes[1].plot(ep, [100 * h["val_acc"] for h in hist], **kw)
-    if "blocks" in hist[0]:
-      mid = hist[min(4, len(hist) - 1)]["blocks"]["angular_step"]
-      axes[2].semilogy(range(len(mid)), mid, marker="o", **kw)
-  axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss (best lr on val)")
-  axes[1].set(xlabel="epoch", ylabel="validation accuracy %", title="validation accuracy")
-  axes[2].set(xlabel="block (0 = first conv, last = classifier)",
-              ylabel="mean ||dW||/||W|| per step", title="effective angular step, epoch 5")
-  axes[1].legend(fontsize=7)
-  fig.suptitle(f"{TITLE} width {WIDTH:g}, {SCREEN_EPOCHS} epochs, seed 0 "
-               "(screen)")
-  fig.tight_layout()
-  _save_figure(fig, "curves.png")
-  conf = [r for r in rows if r[0].epochs == CONFIRM_EPOCHS and r[2] == "finished"]
-  if conf:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for reading, lr in sorted({(r.reading, r.lr) for r, _, _ in conf}):
-      hists = [h for r, h, _ in conf if (r.reading, r.lr) == (reading, lr)]
-      n = min(len(h) for h in hists)
-      ep = list(range(1, n + 1))
-      for ax, key, scale in ((axes[0], "train_loss", 1), (axes[1], "test_acc", 100)):
-        vals = [[scale * (h[i].get(key) or float("nan")) for h in hists] for i in range(n)]
-        c = COLORS.get(reading)
-        ax.plot(ep, [statistics.median(v) for v in vals], color=c,
-                label=f"{READINGS[reading][0]}, lr {lr:g} ({len(hists)} seeds)")
-        ax.fill_between(ep, [min(v) for v in vals], [max(v) for v in vals], color=c, alpha=0.2)
-    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="test accuracy %", ylim=(40, None))
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{TITLE} width {WIDTH:g}, {CONFIRM_EPOCHS} epochs: median "
-                 "over seeds, range shaded")
-    fig.tight_layout()
-    _save_figure(fig, "confirm.png")
-
-
-def plot_blocks(rows) -> None:
-  """``blocks.png``: per block, the effective angular step over training, one panel per
-  confirmed reading (seed 0; the screen's best learning rates until a confirmation exists)."""
-  plt = _pyplot()
-  epochs = CONFIRM_EPOCHS if any(r.epochs == CONFIRM_EPOCHS for r, _, _ in rows) else \
-      SCREEN_EPOCHS
-  chosen = {(r.reading, r.lr): h for r, h, st in rows
-            if r.epochs == epochs and r.seed == 0 and st == "finished" and "blocks" in h[0]}
-  if epochs == SCREEN_EPOCHS:
-    best = best_lrs(rows, SCREEN_EPOCHS)
-    chosen = {k: h for k, h in chosen.items() if best.get(k[0], (None,))[0] == k[1]}
-  if not chosen:
-    return
-  keys = sorted(chosen, key=lambda k: list(READINGS).index(k[0]))
-  ncols = min(3, len(keys))
-  nrows = -(-len(keys) // ncols)
-  fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.0 * nrows + 0.5), sharey=True,
-                           squeeze=False)
-  cmap = plt.get_cmap("viridis")
-  for ax in axes.flat[len(keys):]:
-    ax.set_visible(False)
-  for ax, key in zip(axes.flat, keys):
-    hist = chosen[key]
-    steps = [h["blocks"]["angular_step"] for h in hist]
-    n = len(steps[0])
-    for b in range(n):
-      ax.semilogy([h["epoch"] for h in hist], [s[b] for s in steps], color=cmap(b / max(1, n - 1)),
-                  label=f"block {b}" + (" (classifier)" if b == n - 1 else ""))
-    ax.set(xlabel="epoch", title=f"{READINGS[key[0]][0]}, lr {key[1]:g}")
-  for row in axes:
-    row[0].set_ylabel("mean ||dW_b|| / ||W_b|| per step")
-  axes.flat[len(keys) - 1].legend(fontsize=7, ncol=2)
-  fig.suptitle(f"Effective angular step of each block's kernel ({TITLE} width {WIDTH:g}, "
-               f"{epochs} epochs, seed 0): equal across blocks = balanced")
-  fig.tight_layout()
-  _save_figure(fig, "blocks.png")
+  """The current study's recorded runs (:func:`train.ablation_report.collect`)."""
+  return ablation_report.collect(OUT)
 
 
 def report() -> None:
+  """Syncs the finished runs into ``OUT/runs/`` and regenerates the report from them."""
   sync_results()
   rows = collect()
   if rows:
-    write_table(rows)
-    plot(rows)
-    plot_blocks(rows)
+    ablation_report.write_report(rows, OUT, READINGS, TITLE)
 
 
 README = REPO / "docs" / "results.md"  # where the committed tables are shown
@@ -518,44 +256,19 @@ README = REPO / "docs" / "results.md"  # where the committed tables are shown
 
 def readme_markers() -> tuple:
   """The markers in ``docs/results.md`` around the current study's tables."""
-  tag = "ablation-table" if DATASET == "cifar10" else f"ablation-table-{DATASET}"
-  return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+  return ablation_report.readme_markers(DATASET)
 
 
 README_MARKERS = readme_markers()
 
 
 def update_readme(readme: pathlib.Path = README) -> bool:
-  """Puts ``ablation.md``'s screen and confirmation tables between ``docs/results.md``'s
-  markers for the current study (:func:`readme_markers`), so that the numbers shown are the
-  committed runs'. Returns whether the file changed."""
-  import re  # pylint: disable=import-outside-toplevel
-  table = (OUT / "ablation.md").read_text()
-  start = table.index("## Screen") if "## Screen" in table else None
-  if start is None:
-    return False
-  end = table.find("## Per block", start)
-  body = table[start:end if end >= 0 else len(table)].strip()
-  body = re.sub(r"^## (.*)$", rf"**\1 ({TITLE[0].lower() + TITLE[1:]} width 1/8).**",
-                body, flags=re.M)
-  markers = readme_markers()
-  text = readme.read_text()
-  if markers[0] not in text or markers[1] not in text:
-    raise SystemExit(f"error: {os.path.relpath(readme)} has no {markers[0]} ... {markers[1]} "
-                     "markers to put the tables between")
-  begin, finish = (text.index(m) for m in markers)
-  new = (text[:begin + len(markers[0])] + "\n" + body + "\n" + text[finish:])
-  if new == text:
-    return False
-  tmp = readme.with_name(f".{readme.name}.tmp")
-  tmp.write_text(new)
-  os.replace(tmp, readme)
-  return True
+  """The current study's tables into ``readme`` (:func:`train.ablation_report.update_readme`).
+  Returns whether the file changed."""
+  return ablation_report.update_readme(readme, OUT, TITLE, DATASET)
 
 
 def main(argv=None) -> int:
-  if str(REPO) not in sys.path:  # run as a script (python train/ablation.py)
-    sys.path.insert(0, str(REPO))
   from train import cli  # pylint: disable=import-outside-toplevel
   p = cli.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--dataset", choices=tuple(STUDIES), default="cifar10",

@@ -398,7 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--log-blocks", action="store_true",
                  help="log per block: effective angular step |dW|/|W|, scale-amended factor, "
                       "kernel norm, BatchNorm E[gamma^2] (metrics.jsonl 'blocks')")
-  g = p.add_argument_group("scale-amended SGD's reading of the paper (SPEC §6; default: the "
+  g = p.add_argument_group("scale-amended SGD's reading of the paper (docs/method.md#6-open-points-and-what-decided-them; default: the "
                            "library's default)")
   g.add_argument("--sa-pooling", choices=("before", "after", "effective"), default=None,
                  help="optax_bm.annotate(pooling=...)")

@@ -20,7 +20,7 @@ from train import models
 
 
 OPTIMIZERS = ("sgd", "lars", "lsalr", "scale_amended")
-# Supplement §D / SPEC §4: (learning rate, weight decay) per optimizer.
+# Supplement §D / docs/method.md#4-the-optimizers-of-table-1: (learning rate, weight decay) per optimizer.
 PAPER_SETTINGS = {
     "sgd": (0.1, 1e-3),
     "lars": (2.0, 1e-3),
@@ -72,7 +72,7 @@ class Config:
   test_subset: Optional[int] = None  # evaluate on the first N test images only
   allow_subset: bool = False  # accept known CIFAR subsets (cifar10-mini); "sample" implies it
   val_split: int = 0  # hold out the last N training images (never trained on) for validation
-  # Scale-amended SGD's reading of the paper (SPEC §6); None: the library's default. Only
+  # Scale-amended SGD's reading of the paper (docs/method.md#6-open-points-and-what-decided-them); None: the library's default. Only
   # used (and recorded) for optimizer="scale_amended".
   sa_pooling: Optional[str] = None  # optax_bm.annotate(pooling=...)
   sa_scale_others: Optional[bool] = None  # scale_amended_sgd(scale_others=...)
@@ -127,7 +127,7 @@ def narrowest_layer(model: str, width: float) -> tuple[int, int]:
 
 
 def sa_reading_defaults() -> dict:
-  """The library's default reading of the paper (SPEC §6), as :class:`Config` fields."""
+  """The library's default reading of the paper (docs/method.md#6-open-points-and-what-decided-them), as :class:`Config` fields."""
   import inspect  # pylint: disable=import-outside-toplevel
   import optax_bm  # pylint: disable=import-outside-toplevel
   ann = inspect.signature(optax_bm.annotate).parameters

@@ -1,6 +1,8 @@
 """CIFAR-10/100 for the trainer: three ways to load it into host memory, and its checks.
 
 The on-device input pipeline (augmentation, normalization, shuffling) is ``train.pipeline``.
+Way 1 below is in ``train.data_tfds``, the published checksums in ``train.data_checksums``
+(both re-exported here).
 
 Three ways in, one result (:class:`CifarData`: NumPy ``uint8`` NHWC images, ``int32`` labels):
 
@@ -66,24 +68,26 @@ propagates.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import os
 import pathlib
 import pickle
-import socket
 import tarfile
-import threading
 import zlib
 from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
 
+from train import data_tfds
+# Re-exported: the checksum tables, the probe.
+from train.data_checksums import (OFFICIAL_ARCHIVES, OFFICIAL_FILE_MD5, SUBSET_ARCHIVES,
+                                  ArchiveChecksum)
+from train.data_tfds import CIFAR_HOST, probe_cifar_host
+
 PathLike = Union[str, os.PathLike]
 
 SAMPLE_DIR = pathlib.Path(__file__).resolve().parent / "sample"
 REPO_ROOT = SAMPLE_DIR.parent.parent  # the checkout (or install prefix) holding train/
-CIFAR_HOST = "www.cs.toronto.edu"
 OFFICIAL_COUNTS = (50_000, 10_000)  # train, test images; the same for CIFAR-10 and CIFAR-100.
 
 
@@ -140,66 +144,6 @@ def content_md5(*arrays: np.ndarray) -> str:
   return digest.hexdigest()
 
 
-class ArchiveChecksum(NamedTuple):
-  size: int  # bytes
-  md5: str
-  description: str
-
-
-# MD5s as published by the dataset authors on https://www.cs.toronto.edu/~kriz/cifar.html (the
-# same as torchvision.datasets.CIFAR10/CIFAR100 use); sizes are the Content-Length those
-# servers send, as recorded by torchvision's and Keras's download logs.
-OFFICIAL_ARCHIVES: dict[str, ArchiveChecksum] = {
-    "cifar-10-python.tar.gz": ArchiveChecksum(
-        170_498_071, "c58f30108f718f92721af3b95e74349a", "official CIFAR-10 archive"),
-    "cifar-10-binary.tar.gz": ArchiveChecksum(
-        170_052_171, "c32a1d4ab5d03f1284b67883e8d87530", "official CIFAR-10 archive"),
-    "cifar-100-python.tar.gz": ArchiveChecksum(
-        169_001_437, "eb9058c3a382ffc7106e4002c42a8d85", "official CIFAR-100 archive"),
-    "cifar-100-binary.tar.gz": ArchiveChecksum(
-        168_513_733, "03b5dce01913d631647c71ecec9e9cb8", "official CIFAR-100 archive"),
-}
-
-# Per-file MD5s of the extracted python version, as published with the dataset (the lists
-# torchvision.datasets.CIFAR10/CIFAR100 check; CIFAR-10's also in ../shared/data/cifar10/MD5SUMS).
-# The binary version has no published per-file list.
-OFFICIAL_FILE_MD5: dict[str, dict[str, str]] = {
-    "cifar-10-batches-py": {
-        "data_batch_1": "c99cafc152244af753f735de768cd75f",
-        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-        "data_batch_4": "634d18415352ddfa80567beed471001a",
-        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-        "test_batch": "40351d587109b95175f43aff81a1287e",
-    },
-    "cifar-100-python": {
-        "train": "16019d7e3df5f24257cddd939b257f8d",
-        "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-    },
-}
-
-_MINI = "cifar10-mini subset (first 817 images of every official batch: 4085 train / 817 test)"
-_SAMPLE = ("optax_bm sample (1000 train / 200 test images cut from cifar10-mini by "
-           "train/make_sample.py)")
-
-# Real CIFAR archives that are not the full set: accepted only with allow_subset=True.
-SUBSET_ARCHIVES: dict[str, tuple[ArchiveChecksum, ...]] = {
-    "cifar-10-python.tar.gz": (
-        ArchiveChecksum(15_077_220, "6c29b5071bf2644ee70152d7f83c4c4f", _MINI),
-        ArchiveChecksum(3_679_674, "114bc608fcb0ac1543bb24debd4adf11", _SAMPLE),
-    ),
-    "cifar-10-binary.tar.gz": (
-        ArchiveChecksum(13_864_748, "8e4917bb9b4bc214b486dca9be61f410", _MINI),
-    ),
-}
-
-_ALTERNATIVES = (
-    "Alternatives: --data-dir DIR with the official archives from "
-    "https://www.cs.toronto.edu/~kriz/cifar.html (python or binary version, .tar.gz or "
-    "extracted), or --data-dir sample for the small CIFAR-10 sample shipped with optax_bm "
-    "(in Python: load_cifar(dataset, data_dir=...)).")
-
-
 class _Format(NamedTuple):
   archive: str  # official archive name
   directory: str  # its top-level directory, also the name of the extracted directory
@@ -231,31 +175,6 @@ _SPECS = {
                 binary=True),
     )),
 }
-
-
-def probe_cifar_host(
-    host: str = CIFAR_HOST, port: int = 443, timeout: float = 3.0
-) -> Optional[str]:
-  """Tries a TCP connection to ``host:port``; returns ``None`` if it opens, else the reason.
-
-  The connection runs in a daemon thread joined with ``timeout``, which also bounds a DNS
-  lookup that hangs (``socket`` timeouts do not cover name resolution).
-  """
-  outcome: list[Optional[str]] = []
-
-  def connect():
-    try:
-      socket.create_connection((host, port), timeout=timeout).close()
-      outcome.append(None)
-    except OSError as e:
-      outcome.append(f"{type(e).__name__}: {e}")
-
-  thread = threading.Thread(target=connect, daemon=True)
-  thread.start()
-  thread.join(timeout)
-  if not outcome:
-    return f"no answer from {host}:{port} within {timeout:g} s"
-  return outcome[0]
 
 
 def load_cifar(
@@ -294,7 +213,7 @@ def load_cifar(
   if dataset not in _SPECS:
     raise DataError(f"unknown dataset {dataset!r}: expected one of {sorted(_SPECS)}")
   if data_dir is None:
-    return _load_tfds(dataset, probe, tfds_data_dir)
+    return data_tfds.load_tfds(dataset, _SPECS[dataset].num_classes, probe, tfds_data_dir)
   path = SAMPLE_DIR if os.fspath(data_dir) == "sample" else pathlib.Path(data_dir).expanduser()
   kind = "directory"
   if path.resolve() == SAMPLE_DIR:
@@ -397,64 +316,6 @@ def _verify_files(path: pathlib.Path, fmt: _Format, spec: _Spec, files: dict[str
         "(--allow-subset) to train on them")
   return (f"extracted directory, {len(differ)} of {len(files)} files differ from the official "
           "ones (MD5): structure and labels checked")
-
-
-_TFDS_PACKAGES = (  # module, what needs it
-    ("tensorflow_datasets", "tensorflow-datasets"),
-    ("tensorflow", "TensorFlow (tfds reads its prepared files with tf.data)"),
-    ("importlib_resources", "importlib_resources (tfds 4.9 imports it to download)"),
-)
-
-
-def _load_tfds(dataset: str, probe: Callable[[], Optional[str]],
-               tfds_data_dir: Optional[PathLike]) -> CifarData:
-  # find_spec, not import: importing tfds (and TensorFlow) alone can take many seconds.
-  missing = [what for module, what in _TFDS_PACKAGES if importlib.util.find_spec(module) is None]
-  if missing:
-    raise DataError(
-        f"loading {dataset} without a data directory needs {', '.join(missing)} "
-        f"(pip install 'optax_bm[tfds]'), which is not installed. {_ALTERNATIVES}")
-  try:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    # As in Flax's examples: keep TensorFlow off the accelerators, which belong to JAX (by
-    # default TF would reserve all GPU memory).
-    tf.config.set_visible_devices([], "GPU")
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except Exception as e:  # a broken install can fail on import in any way
-    raise DataError(f"tensorflow-datasets is installed but cannot be imported "
-                    f"({type(e).__name__}: {e}); reinstall it with pip install "
-                    f"'optax_bm[tfds]'. {_ALTERNATIVES}") from e
-  where = "" if tfds_data_dir is None else os.fspath(pathlib.Path(tfds_data_dir).expanduser())
-  try:
-    builder = tfds.builder(dataset, data_dir=where or None)
-    prepared = builder.is_prepared()
-  except Exception as e:  # tfds reports its failures with many types.
-    raise DataError(f"tensorflow-datasets cannot open {dataset}: {e}. {_ALTERNATIVES}") from e
-  if not prepared:
-    problem = probe()
-    if problem is not None:
-      raise DataError(
-          f"{dataset} is not prepared in tensorflow-datasets' {builder.data_dir} and cannot be "
-          f"downloaded: {CIFAR_HOST} is unreachable ({problem}). {_ALTERNATIVES}")
-    try:
-      builder.download_and_prepare()
-    except Exception as e:
-      raise DataError(
-          f"tensorflow-datasets failed to download and prepare {dataset}: {e}. "
-          f"{_ALTERNATIVES}") from e
-  try:
-    train, test = tfds.as_numpy(builder.as_dataset(
-        split=["train", "test"], batch_size=-1, as_supervised=True))
-  except Exception as e:
-    raise DataError(f"tensorflow-datasets failed to load {dataset}: {e}. {_ALTERNATIVES}") from e
-  (train_images, train_labels), (test_images, test_labels) = train, test
-  arrays = (np.asarray(train_images, np.uint8), np.asarray(train_labels, np.int32),
-            np.asarray(test_images, np.uint8), np.asarray(test_labels, np.int32))
-  return CifarData(
-      *arrays, _SPECS[dataset].num_classes,
-      source=f"{dataset} from tensorflow-datasets ({'prepared' if prepared else 'downloaded'} "
-      f"in {portable_path(builder.data_dir)}): {len(train_labels)} train / "
-      f"{len(test_labels)} test images", kind="tfds", checksum=content_md5(*arrays))
 
 
 def _locate(path: pathlib.Path, dataset: str, spec: _Spec) -> tuple[_Format, pathlib.Path]:

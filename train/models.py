@@ -2,8 +2,9 @@
 
 :data:`MODELS` names them all; :func:`create` builds any of them by name.
 
-The network is an explicit chain of blocks, as `optax_bm.annotate` expects (SPEC §1): every
-block starts at one kernel layer and holds what follows it up to the next one,
+The network is an explicit chain of blocks, as `optax_bm.annotate` expects
+(docs/method.md#1-network-blocks-objective): every block starts at one kernel layer and holds
+what follows it up to the next one,
 
     ConvBlock  = 3×3 conv (SAME, no bias) -> BatchNorm -> ReLU [-> 2×2 max-pool] [-> flatten]
     classifier = dense (512·width -> num_classes)

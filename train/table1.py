@@ -11,8 +11,8 @@ commits the results directory after each run).
 
 The table reports, per (dataset, model, optimizer), the median over seeds of the
 **final-epoch** test accuracy (no early stopping, no selection on the test split), beside the
-paper's Table 1 (SPEC §4). ``curves.png`` plots every seed's test-accuracy curve per optimizer
-(like the supplement's Figure 1); ``figure1.png`` is the paper's Figure 1 style: training loss
+paper's Table 1 (docs/method.md#4-the-optimizers-of-table-1). ``curves.png`` plots every seed's
+test-accuracy curve per optimizer (like the supplement's Figure 1); ``figure1.png`` is the paper's Figure 1 style: training loss
 and test accuracy per epoch, median over seeds with the seeds' min-max range shaded.
 
 Examples::
@@ -89,7 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", action="append", default=None, metavar="OPTIMIZER=LR",
                  help="one optimizer's learning rate instead of the paper's (repeatable); "
                       "cpu-full: scale-amended's as chosen on validation in "
-                      "train/results/ablation_cifar10 (SPEC §6 point 5)")
+                      "train/results/ablation_cifar10 "
+                      "(docs/method.md#65-the-learning-rate-chosen-on-validation)")
   p.add_argument("--jobs", type=int, default=1, help="runs at once")
   p.add_argument("--cpu-devices", type=int, default=None,
                  help="on CPU, simulate N XLA devices per run "

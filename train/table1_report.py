@@ -58,7 +58,8 @@ CPU_FULL = dict(models=["vgg13"], datasets=["cifar10"], optimizers=list(OPTIMIZE
                 # One XLA device per run: with 4 simulated devices two runs side by side on
                 # 2 loaded cores aborted in XLA:CPU's all-reduce rendezvous (40 s timeout).
                 allow_subset=False, cpu_devices=None,
-                # SPEC §6 point 5: scale-amended SGD's learning rate as chosen on validation.
+                # Scale-amended SGD's learning rate as chosen on validation:
+                # docs/method.md#65-the-learning-rate-chosen-on-validation.
                 lrs={"scale_amended": 0.03},
                 out=str(REPO / "train" / "results" / "table1_cpu_full"),
                 workdir_root=str(REPO / "workdirs" / "table1_cpu_full"))
@@ -165,12 +166,14 @@ def _lr_note(args) -> str:
     return ""
   return (", except the learning rate" + ("s" if len(args.lrs) > 1 else "") + " of " +
           ", ".join(f"{OPT_LABELS[o]} ({lr:g})" for o, lr in sorted(args.lrs.items())) +
-          (", chosen on a validation split in `train/results/ablation_cifar10` (SPEC §6 point 5)"
+          (", chosen on a validation split in `train/results/ablation_cifar10` "
+           "(docs/method.md#65-the-learning-rate-chosen-on-validation)"
            if args.preset == "cpu_full" and args.lrs == CPU_FULL["lrs"] else ""))
 
 
 def _sa_reading_note(args, results: dict) -> str:
-  """The reading of SPEC §6 the scale-amended runs used, as their config.json records it."""
+  """The reading of the open points the scale-amended runs used, as their config.json records
+  it (docs/method.md#6-open-points-and-what-decided-them)."""
   readings = set()
   for (d, m, o), runs in results.items():
     if o != "scale_amended":
@@ -188,10 +191,13 @@ def _sa_reading_note(args, results: dict) -> str:
     return (" Scale-amended reading: SPEC v1 (bias/BatchNorm scaled), the library's default "
             "when these runs were made; today's default leaves them unscaled.")
   if len(readings) > 1 or None in next(iter(readings)):
-    return (" Scale-amended runs: reading of SPEC §6 not recorded in every config or not the "
-            "same in all (see runs/*.config.json).")
+    return (" Scale-amended runs: reading "
+            "(docs/method.md#6-open-points-and-what-decided-them) not recorded "
+            "in every config or not the same in all (see runs/*.config.json).")
   pooling, others, gamma, before = next(iter(readings))
-  return (f" Scale-amended reading (SPEC §6, from the runs' configs): `s` {pooling} pooling, "
+  return (" Scale-amended reading "
+          f"(docs/method.md#6-open-points-and-what-decided-them, from the runs' configs): "
+          f"`s` {pooling} pooling, "
           f"bias/BatchNorm {'scaled' if others else 'unscaled'}, γ² "
           f"{'aware' if gamma else 'ignored'}, decay {'before' if before else 'after'} the "
           "scaling.")
@@ -257,7 +263,8 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
                     for h in hist)
   lines += ["", f"{finished}/{total_runs} runs finished; training time (sum of the runs' "
                 f"epoch times) {run_seconds / 60:.1f} min"
-            + (f"; wall time of the {len(invocations)} grid invocation(s) that ran runs "
+            + (f"; sum of the wall times of the {len(invocations)} grid invocation(s) that ran "
+               "runs "
                f"{sum(i['wall_s'] for i in invocations) / 60:.1f} min "
                f"(--jobs {', '.join(sorted({str(i['jobs']) for i in invocations}))}; "
                "2-core CPU shared with other work)" if invocations else "")
