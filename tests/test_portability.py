@@ -56,5 +56,6 @@ def test_reports_and_data_lines_name_no_machine_paths(tmp_path):
   assert data.load_cifar("cifar10", "sample").source.startswith(
       "cifar10 from train/sample/cifar-10-python.tar.gz (")
   assert data.portable_path(REPO.parent / "shared" / "x") == "../shared/x"
+  assert data.portable_path(REPO.parent / "data" / "cifar-100-python") == "../data/cifar-100-python"
   assert data.resolve_path("../shared/x") == REPO.parent / "shared" / "x"
   assert data.portable_path(tmp_path) == tmp_path.as_posix()  # outside: left as given

@@ -110,15 +110,17 @@ class CifarData(NamedTuple):
 
 def portable_path(path: PathLike) -> str:
   """``path`` as recorded in logs and committed files: relative to the repository root when it
-  lies inside it (``train/sample``) or in the ``shared/`` directory beside it
-  (``../shared/data/cifar10``), else absolute.
+  lies inside it (``train/sample``) or in the ``shared/`` or ``data/`` directory beside it
+  (``../shared/data/cifar10``; ``../data/cifar-100-python``, where the CIFAR-100 rebuild goes),
+  else absolute.
 
   :func:`resolve_path` turns it back into a path; relative paths there are relative to
   :data:`REPO_ROOT`, not to the working directory.
   """
   path = pathlib.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
   for base, prefix in ((REPO_ROOT, pathlib.PurePosixPath()),
-                       (REPO_ROOT.parent / "shared", pathlib.PurePosixPath("../shared"))):
+                       (REPO_ROOT.parent / "shared", pathlib.PurePosixPath("../shared")),
+                       (REPO_ROOT.parent / "data", pathlib.PurePosixPath("../data"))):
     try:
       rel = path.relative_to(base)
     except ValueError:
