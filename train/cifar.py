@@ -358,8 +358,9 @@ def parse_args(argv=None) -> argparse.Namespace:
       description="Train VGG-BN or ResNet on CIFAR with SGD, LARS, LSALR or scale-amended SGD "
                   "(Zhang, Chen & Liu 2018, Table 1). Rerunning the same command resumes.")
   p.add_argument("--dataset", choices=tuple(NUM_CLASSES), default="cifar10", help="dataset")
-  p.add_argument("--model", choices=models.MODELS, default="vgg11", help="VGG-BN depth or CIFAR ResNet (He et al. 2016; "
-                      "a trailing b: option-B shortcuts)")
+  p.add_argument("--model", choices=models.MODELS, default="vgg11",
+                 help="VGG-BN depth, or a CIFAR ResNet (He et al. 2016; a trailing b: option-B "
+                      "shortcuts)")
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                  help="optimizer, at the learning rate chosen on validation and the paper's "
                       "weight decay unless --lr/--weight-decay are given")
