@@ -600,7 +600,7 @@ def test_default_lrs_are_the_validated_ones_and_table1_keeps_the_papers(tmp_path
 
 @pytest.mark.parametrize("flags, needle", [
     (["--model", "vgg12"], "argument --model: invalid choice 'vgg12'; choose from vgg11, vgg13, "
-                           "vgg16, vgg19; see"),  # as near vgg11 as vgg13: no guess
+                           "vgg16, vgg19, resnet20, "),  # as near vgg11 as vgg13: no guess
     (["--optimizer", "scale_ammended"], "did you mean 'scale_amended'?"),
     (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
     (None, "the following arguments are required: --workdir"),

@@ -355,10 +355,12 @@ def _settings_text(settings: dict, i: int) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
   p = cli.ArgumentParser(
       prog="train/cifar.py",
-      description="Train VGG-BN on CIFAR with SGD, LARS, LSALR or scale-amended SGD "
+      description="Train VGG-BN or ResNet on CIFAR with SGD, LARS, LSALR or scale-amended SGD "
                   "(Zhang, Chen & Liu 2018, Table 1). Rerunning the same command resumes.")
   p.add_argument("--dataset", choices=tuple(NUM_CLASSES), default="cifar10", help="dataset")
-  p.add_argument("--model", choices=models.MODELS, default="vgg11", help="VGG-BN depth")
+  p.add_argument("--model", choices=models.MODELS, default="vgg11",
+                 help="VGG-BN depth, or a CIFAR ResNet (He et al. 2016; a trailing b: option-B "
+                      "shortcuts)")
   p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                  help="optimizer, at the learning rate chosen on validation and the paper's "
                       "weight decay unless --lr/--weight-decay are given")
@@ -372,13 +374,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "there, at the paper's; the paper's own: "
                       f"{_settings_text(PAPER_SETTINGS, 0)}")
   p.add_argument("--weight-decay", type=float, default=None,
-                 help="default: the paper's (1e-3; scale_amended 5e-3)")
+                 help="default: the paper's (1e-3; scale_amended 5e-3); ResNets with sgd: "
+                      "He et al.'s 1e-4 (none published for the others on ResNets: they keep "
+                      "theirs)")
   p.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum")
   p.add_argument("--schedule", choices=("step", "cosine", "constant"), default="step",
                  help="step: ×0.1 at 50%% and 75%% of the epochs; cosine: to 0; constant")
   p.add_argument("--width", type=float, default=1.0,
                  help="channel multiplier (the narrowest convolution keeps at least 4 "
-                      "channels: >= 0.0547 for VGG)")
+                      "channels: >= 0.0547 for VGG, >= 0.219 for ResNets)")
   p.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32",
                  help="compute dtype; parameters stay float32")
   p.add_argument("--seed", type=int, default=0, help="initialization, shuffling, augmentation")
@@ -408,6 +412,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="BatchNorm-gamma^2-aware scalars (gamma_aware=True) or not")
   g.add_argument("--sa-decay", choices=("before", "after"), default=None,
                  help="weight decay added before or after the scaling")
+  g.add_argument("--sa-input-scale", choices=("propagated", "unit"), default=None,
+                 help="a residual unit's input second moment in the factors (ResNets only; "
+                      "scale_amended_sgd(input_scale=...))")
   p.add_argument("--workdir", required=True,
                  help="config, metrics and checkpoints (required; rerun to resume)")
   p.add_argument("--eval-only", action="store_true",

@@ -37,6 +37,10 @@ DEFAULT_SETTINGS = {
     "lsalr": (0.1, 1e-3),  # not screened: the paper's
     "scale_amended": (0.03, 5e-3),  # screen: 76.38 % val at 0.03, 73.64 % at the paper's 0.1
 }
+# Per model family: the CIFAR ResNets' SGD weight decay is He et al.'s (2016, §4.2: momentum
+# 0.9, lr 0.1, wd 1e-4, batch 128). No value is published for the other optimizers on ResNets:
+# they keep DEFAULT_SETTINGS' weight decay.
+RESNET_WEIGHT_DECAY = {"sgd": 1e-4}
 LARS_TRUST_COEFFICIENT = 1e-3
 # Fewest channels a convolution may be scaled down to by --width (round(c · width)): below
 # this a VGG is a handful of parameters that cannot learn CIFAR (--width 0.001 gave VGG11
@@ -78,6 +82,9 @@ class Config:
   sa_scale_others: Optional[bool] = None  # scale_amended_sgd(scale_others=...)
   sa_gamma_aware: Optional[bool] = None  # scale_amended_sgd(gamma_aware=...)
   sa_decay_before_scaling: Optional[bool] = None  # scale_amended_sgd(decay_before_scaling=...)
+  # scale_amended_sgd(input_scale=...): a residual unit's input moment. Recorded only for
+  # ResNets (a VGG has no residual unit), so VGG configs stay as they were.
+  sa_input_scale: Optional[str] = None
   # Where the step schedule's two decays fall: None, at the epochs nearest 50 % and 75 % of
   # training (every run made before this field existed); "steps", at 50 % and 75 % of the
   # steps. resolved() picks "steps" only for runs too short for two epoch-aligned decays
@@ -92,6 +99,8 @@ class Config:
       raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from "
                        f"{', '.join(OPTIMIZERS)}")
     lr, wd = DEFAULT_SETTINGS[self.optimizer]
+    if self.model in models.RESNETS:
+      wd = RESNET_WEIGHT_DECAY.get(self.optimizer, wd)
     boundaries = self.decay_boundaries
     if (boundaries is None and self.schedule == "step"
         and len(epoch_aligned_decays(self.epochs)) < 2):
@@ -104,6 +113,8 @@ class Config:
       value = getattr(self, field)
       reading[field] = ((default if value is None else value)
                         if self.optimizer == "scale_amended" else None)
+    if self.model not in models.RESNETS:
+      reading["sa_input_scale"] = None
     return dataclasses.replace(
         self, lr=float(lr if self.lr is None else self.lr),
         weight_decay=float(wd if self.weight_decay is None else self.weight_decay),
@@ -122,7 +133,10 @@ def epoch_aligned_decays(epochs: int) -> list:
 
 def narrowest_layer(model: str, width: float) -> tuple[int, int]:
   """(channels at width 1, channels at ``width``) of the model's narrowest convolution."""
-  c = min(int(x) for x in models.CFGS[model] if x != "M")
+  if model in models.RESNETS:
+    c = min(models.RESNET_STAGES)
+  else:
+    c = min(int(x) for x in models.CFGS[model] if x != "M")
   return c, models.scaled_channels(c, width)
 
 
@@ -135,11 +149,12 @@ def sa_reading_defaults() -> dict:
   return {"sa_pooling": ann["pooling"].default,
           "sa_scale_others": sgd["scale_others"].default,
           "sa_gamma_aware": sgd["gamma_aware"].default,
-          "sa_decay_before_scaling": sgd["decay_before_scaling"].default}
+          "sa_decay_before_scaling": sgd["decay_before_scaling"].default,
+          "sa_input_scale": sgd["input_scale"].default}
 
 
 def validate_config(config: Config) -> None:
-  if config.model not in models.CFGS:
+  if config.model not in models.MODELS:
     raise UsageError(f"unknown model {config.model!r}; choose from {', '.join(models.MODELS)}")
   if config.dataset not in NUM_CLASSES:
     raise UsageError(f"unknown dataset {config.dataset!r}; choose cifar10 or cifar100")
@@ -156,6 +171,13 @@ def validate_config(config: Config) -> None:
         f"--width {config.width:g} leaves {config.model}'s narrowest convolution {scaled} "
         f"channel(s) (of {full}); at least {MIN_CHANNELS} are needed for a network that can "
         f"learn: use --width {(MIN_CHANNELS - 0.5) / full:.3g} or more")
+  if config.sa_input_scale not in (None, "propagated", "unit"):
+    raise UsageError(f"--sa-input-scale must be propagated or unit (got "
+                     f"{config.sa_input_scale!r})")
+  if (config.model in models.RESNETS and config.optimizer == "scale_amended"
+      and config.sa_pooling not in (None, "before")):
+    raise UsageError(f"--sa-pooling {config.sa_pooling} is not implemented for ResNets "
+                     f"({config.model}); use --sa-pooling before")
   if config.decay_boundaries not in (None, "steps"):
     raise UsageError(f"unknown decay_boundaries {config.decay_boundaries!r}: None or 'steps'")
   if not (math.isfinite(config.lr) and config.lr > 0):
@@ -189,4 +211,5 @@ def config_from_args(args: argparse.Namespace) -> Config:
                 sa_scale_others=None if args.sa_others is None else args.sa_others == "scaled",
                 sa_gamma_aware=None if args.sa_gamma is None else args.sa_gamma == "aware",
                 sa_decay_before_scaling=(None if args.sa_decay is None
-                                         else args.sa_decay == "before"))
+                                         else args.sa_decay == "before"),
+                sa_input_scale=args.sa_input_scale)

@@ -100,7 +100,8 @@ def check_config(config: Config, workdir: str) -> tuple[Config, Optional[dict]]:
   none; UsageError if it holds another one.
 
   A run stored before ``decay_boundaries`` existed resumes with the schedule it started with
-  (epoch-aligned decays), also where a new run of its length would now decay at steps.
+  (epoch-aligned decays), also where a new run of its length would now decay at steps; one
+  stored before ``sa_input_scale`` existed, with the library's default input scale.
   ``data_dir`` and ``epochs`` are left to :func:`check_data` and :func:`check_epochs`.
   """
   stored = read_stored_config(workdir)
@@ -109,6 +110,11 @@ def check_config(config: Config, workdir: str) -> tuple[Config, Optional[dict]]:
   if stored.get("decay_boundaries") is None and config.decay_boundaries == "steps":
     config = dataclasses.replace(config, decay_boundaries=None)
   new = config.to_json()
+  if stored.get("sa_input_scale") is None and new.get("sa_input_scale") is not None:
+    # Stored before --sa-input-scale existed: it ran with the library's default reading.
+    from train.config import sa_reading_defaults  # pylint: disable=import-outside-toplevel
+    if new["sa_input_scale"] == sa_reading_defaults()["sa_input_scale"]:
+      stored = {**stored, "sa_input_scale": new["sa_input_scale"]}
   diff = [f"{k}: {stored.get(k)!r} there, {new.get(k)!r} here"
           for k in sorted(set(stored) | set(new)) if k not in _LATE_FIELDS + ("data",)
           and stored.get(k) != new.get(k)]

@@ -36,10 +36,11 @@ class Setup(NamedTuple):
 
 
 def create_model(config: Config, num_classes: int, rngs: nnx.Rngs,
-                 small_map_conv: Optional[bool] = None) -> models.VGG:
-  return models.vgg(config.model, num_classes, width=config.width,
-                    dtype=DTYPES[config.compute_dtype], rngs=rngs,
-                    small_map_conv=small_map_conv)
+                 small_map_conv: Optional[bool] = None) -> nnx.Module:
+  """Any model of :data:`train.models.MODELS` (``small_map_conv``: VGGs only)."""
+  return models.create(config.model, num_classes, width=config.width,
+                       dtype=DTYPES[config.compute_dtype], rngs=rngs,
+                       small_map_conv=small_map_conv)
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,9 +48,9 @@ def _init_fn(model: str, num_classes: int, width: float, compute_dtype: str,
              small_map_conv: Optional[bool]):
   """A jitted ``key -> model``: initialized in one compiled call (eagerly, every initializer
   op compiles on its own: ~10 s for VGG11 on a CPU), compiled once per architecture."""
-  return nnx.jit(lambda key: models.vgg(model, num_classes, width=width,
-                                        dtype=DTYPES[compute_dtype], rngs=nnx.Rngs(key),
-                                        small_map_conv=small_map_conv))
+  return nnx.jit(lambda key: models.create(model, num_classes, width=width,
+                                           dtype=DTYPES[compute_dtype], rngs=nnx.Rngs(key),
+                                           small_map_conv=small_map_conv))
 
 
 def create_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
@@ -93,9 +94,15 @@ def create_optimizer(config: Config, schedule: optax.Schedule,
     return optax_bm.scale_amended_sgd(
         schedule, specs, momentum=mom, nesterov=nest, weight_decay=wd,
         scale_others=config.sa_scale_others, gamma_aware=config.sa_gamma_aware,
-        decay_before_scaling=config.sa_decay_before_scaling)
+        decay_before_scaling=config.sa_decay_before_scaling,
+        **_input_scale(config))
   raise UsageError(f"unknown optimizer {config.optimizer!r}; choose from "
                    f"{', '.join(OPTIMIZERS)}")
+
+
+def _input_scale(config: Config) -> dict:
+  """``input_scale=`` for the library (its default where the config records none: VGGs)."""
+  return {} if config.sa_input_scale is None else {"input_scale": config.sa_input_scale}
 
 
 def create_train_state(config: Config, num_classes: int, steps_per_epoch: int, *,
@@ -147,7 +154,7 @@ def _block_logging(config: Config, specs) -> tuple:
 
   def factors(params):
     scales = optax_bm.block_scales(specs, params, scale_others=config.sa_scale_others,
-                                   gamma_aware=config.sa_gamma_aware)
+                                   gamma_aware=config.sa_gamma_aware, **_input_scale(config))
     return jnp.stack([jnp.asarray(x, jnp.float32)
                       for x in leaves_at(scales, paths)])
 
@@ -164,7 +171,9 @@ def block_statistics(setup: Setup, params) -> dict:
   kernels = leaves_at(params, setup.block_kernels)
   gammas = []
   for path in setup.block_kernels:
-    prefix = path.rsplit("/", 2)[0]  # blocks/3/conv/kernel -> blocks/3
+    # blocks/3/conv/kernel -> blocks/3; stem/conv/kernel -> stem; units/4/main/1/conv/kernel
+    # -> units/4/main/1 (ResNet; shortcut/0 likewise)
+    prefix = path.rsplit("/", 2)[0]
     try:
       (g,) = leaves_at(params, [f"{prefix}/bn/scale"])
       gammas.append(float(np.mean(np.square(np.asarray(g, np.float64)))))
