@@ -112,6 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="target length of one sample (default 0.5, quick 0.02)")
   p.add_argument("--quick", action="store_true",
                  help="tiny (tests): VGG11 at width 1/16, batch 16, 2 repeats")
+  p.add_argument("--torch-threads", type=int, default=None,
+                 help="torch.set_num_threads (default os.cpu_count(); 1 avoids OpenMP barrier "
+                      "stalls when other processes hold the cores)")
   p.add_argument("--epoch", action="store_true",
                  help="also the whole epoch on the full CIFAR-10: trainer vs a plain PyTorch loop")
   p.add_argument("--epoch-repeats", type=int, default=1,
@@ -161,6 +164,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                          else (0.02 if q else 0.5))
   if not args.sample_seconds > 0:
     raise UsageError(f"--sample-seconds must be positive, got {args.sample_seconds}")
+  args.torch_threads = args.torch_threads if args.torch_threads is not None else (os.cpu_count() or 1)
+  if args.torch_threads < 1:
+    raise UsageError(f"--torch-threads must be at least 1, got {args.torch_threads}")
   if args.epoch_repeats < 1:
     raise UsageError(f"--epoch-repeats must be at least 1, got {args.epoch_repeats}")
   if args.epoch_steps < 0:
@@ -536,7 +542,7 @@ def report(args, argv, torch, oo, step_rows, epoch_rows, loads, total_s,
       f"jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, numpy {v['numpy']}, "
       f"Python {v['python']}.", "",
       f"Threads: torch intra-op {torch.get_num_threads()}, inter-op "
-      f"{torch.get_num_interop_threads()} (`torch.set_num_threads(os.cpu_count())`); XLA:CPU "
+      f"{torch.get_num_interop_threads()} (`torch.set_num_threads({args.torch_threads})`); XLA:CPU "
       f"its own pool; `XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}`. oneDNN (mkldnn) "
       f"available: {torch.backends.mkldnn.is_available()}.", "",
       f"Load average (1/5/15 min, {os.cpu_count()} cores): {load_txt}.",
@@ -613,7 +619,7 @@ def main(argv=None) -> int:
     from train import cli  # pylint: disable=import-outside-toplevel
     cli.set_cpu_xla_flags()  # the trainer's flags, before the first JAX computation
   from benchmarks import optimizer_overhead as oo  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(args.torch_threads)
   t_start = time.perf_counter()
   loads = [("at start", os.getloadavg())]
   print(f"# peer_pytorch{' --quick' if args.quick else ''}")

@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
     (["--widths", "1/32"], "the trainer's minimum is 4"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
     (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--torch-threads", "0"], "--torch-threads must be at least 1"),
     (["--epoch", "--data-dir", "/nonexistent/cifar"], "--epoch: no CIFAR-10 at"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys, tmp_path):
