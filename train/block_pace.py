@@ -85,7 +85,8 @@ def read_run(runs_dir: pathlib.Path, name: str) -> Optional[Run]:
 
 def phases(history: list) -> list:
   """``[(first_epoch, last_epoch, lr)]``: maximal stretches of epochs with one learning rate
-  (the epoch record's ``lr`` is the rate at the epoch's end)."""
+  (the epoch record's ``lr`` is the rate at the epoch's start, the rate throughout when
+  the decays fall on epoch boundaries, as in every run read here)."""
   out = []
   for h in history:
     lr = round(h["lr"], 12)
