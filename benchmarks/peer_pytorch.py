@@ -331,43 +331,15 @@ class Paused:
 
 def trainer_state(name: str, width: float, optimizer: str, batch: int, steps_per_epoch: int = 390,
                   data_dir: Optional[str] = None):
-  """``(config, Setup, host state, source)`` of the trainer for ``name``.
-
-  VGGs: ``train.state.create_train_state`` itself. ResNets: the trainer does not build them yet
-  (``train/state.py`` calls ``models.vgg``), so the same recipe with ``models.create``: the
-  trainer's ``create_schedule`` and ``create_optimizer`` (paper settings), ``optax_bm.annotate``
-  for scale-amended SGD, the state in the trainer's layout, stepped by ``train_step``.
-  """
+  """``(config, Setup, host state, source)`` of the trainer for ``name`` (VGG or ResNet):
+  ``train.state.create_train_state`` itself, at the paper's learning rate."""
   # pylint: disable=import-outside-toplevel
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
   from train import config as config_lib, state as state_lib
   config = config_lib.Config(model=name, width=width, optimizer=optimizer,
                              lr=config_lib.PAPER_SETTINGS[optimizer][0], batch_size=batch,
                              data_dir=data_dir).resolved()
-  if name in models.CFGS:
-    setup, state = state_lib.create_train_state(config, NUM_CLASSES, steps_per_epoch)
-    return config, setup, state, "train.state.create_train_state + train.steps.train_step"
-  model = nnx.jit(lambda key: models.create(name, NUM_CLASSES, width, rngs=nnx.Rngs(key)))(
-      jax.random.key(config.seed))
-  specs = None
-  if optimizer == "scale_amended":
-    import optax_bm
-    specs = optax_bm.annotate(model, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32),
-                              pooling=config.sa_pooling or "before")
-  schedule = state_lib.create_schedule(config, steps_per_epoch)
-  tx = state_lib.create_optimizer(config, schedule, specs)
-  model.train()
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  model.eval()
-  eval_graphdef = nnx.split(model, nnx.Param, nnx.BatchStat)[0]
-  params, batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": jax.jit(tx.init)(params)}
-  setup = state_lib.Setup(graphdef, eval_graphdef, tx, schedule, jnp.float32)
-  return config, setup, state, ("models.create + the trainer's optimizer factory + "
-                                "train.steps.train_step (train/state.py builds VGGs only)")
+  setup, state = state_lib.create_train_state(config, NUM_CLASSES, steps_per_epoch)
+  return config, setup, state, "train.state.create_train_state + train.steps.train_step"
 
 
 def trainer_step(name: str, width: float, optimizer: str, batch: int):
