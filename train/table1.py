@@ -66,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                            f"{CPU_FULL['width']:g}, {CPU_FULL['epochs']} epochs, step decay, "
                            "3 seeds, all optimizers, ../shared/data/cifar10/cifar-10-batches-py "
                            "relative to the repo; flags given explicitly win")
+  preset.add_argument("--cpu-full-cifar100", action="store_true",
+                      help="the same on the full CIFAR-100 (../data/cifar-100-python "
+                           "relative to the repo, rebuilt by "
+                           "../shared/data/cifar100/rebuild.py), every optimizer at its "
+                           "learning rate chosen on validation in "
+                           "train/results/ablation_cifar100, --log-blocks")
   p.add_argument("--models", nargs="+", choices=MODELS, default=None)
   p.add_argument("--datasets", nargs="+", choices=DATASETS, default=None)
   p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=None)
@@ -117,11 +123,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                   allow_subset=False, cpu_devices=None,
                   out=str(REPO / "train" / "results" / "table1"),
                   workdir_root=str(REPO / "workdirs" / "table1"))
-  args.preset = "mini" if args.mini else "cpu_full" if args.cpu_full else None
+  args.preset = ("mini" if args.mini else "cpu_full" if args.cpu_full else
+                 "cpu_full_cifar100" if args.cpu_full_cifar100 else None)
   if args.preset:
     defaults.update(PRESETS[args.preset])
   defaults["compute_dtype"] = "float32"
   lrs = dict(defaults.pop("lrs", {}))
+  # A preset's own train/cifar.py flags come before the user's (after '--'): the user's win.
+  args.extra = list(defaults.pop("extra", [])) + args.extra
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)

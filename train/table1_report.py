@@ -63,7 +63,27 @@ CPU_FULL = dict(models=["vgg13"], datasets=["cifar10"], optimizers=list(OPTIMIZE
                 lrs={"scale_amended": 0.03},
                 out=str(REPO / "train" / "results" / "table1_cpu_full"),
                 workdir_root=str(REPO / "workdirs" / "table1_cpu_full"))
-PRESETS = {"mini": MINI, "cpu_full": CPU_FULL}
+CPU_FULL_C100_LABEL = ("CPU-scale run on the full CIFAR-100 (VGG13-BN at width 1/8, 30 "
+                       "epochs); the paper trains full-width networks for 200 epochs")
+CPU_FULL_C100 = dict(
+    models=["vgg13"], datasets=["cifar100"], optimizers=list(OPTIMIZERS),
+    seeds=[0, 1, 2], epochs=30, width=0.125, batch_size=128,
+    # Rebuilt byte for byte by ../shared/data/cifar100/rebuild.py; never committed.
+    data_dir=str(REPO.parent / "data" / "cifar-100-python"),
+    allow_subset=False, cpu_devices=None,
+    # Every optimizer at its learning rate chosen on the CIFAR-100 validation split
+    # (train/results/ablation_cifar100). Scale-amended SGD's is 0.1 there, the paper's own
+    # setting, so its "paper setting" row and its "validation-chosen" row are the same runs.
+    lrs={"sgd": 0.1, "lars": 4.0, "lsalr": 0.03, "scale_amended": 0.1},
+    # The per-block angular steps, for the figure of SGD's and scale-amended SGD's blocks.
+    extra=["--log-blocks"],
+    out=str(REPO / "train" / "results" / "table1_cpu_full_cifar100"),
+    workdir_root=str(REPO / "workdirs" / "table1_cpu_full_cifar100"))
+PRESETS = {"mini": MINI, "cpu_full": CPU_FULL, "cpu_full_cifar100": CPU_FULL_C100}
+# The CPU presets on full data sets, their flags, labels and the screen that chose their lrs.
+CPU_PRESETS = {"cpu_full": (CPU_FULL, "--cpu-full", CPU_FULL_LABEL, "ablation_cifar10"),
+               "cpu_full_cifar100": (CPU_FULL_C100, "--cpu-full-cifar100",
+                                     CPU_FULL_C100_LABEL, "ablation_cifar100")}
 
 
 def paper_value(dataset: str, model: str, optimizer: str) -> Optional[float]:
@@ -142,7 +162,8 @@ def display_path(path: str) -> str:
 
 def reproduce_command(args) -> str:
   """The table1.py command line for this grid (explicit flags, whatever preset was used)."""
-  parts = {"mini": ["--mini"], "cpu_full": ["--cpu-full"]}.get(args.preset, [])
+  parts = ["--mini"] if args.mini else (
+      [CPU_PRESETS[args.preset][1]] if args.preset in CPU_PRESETS else [])
   parts += ["--models", *args.models, "--datasets", *args.datasets, "--optimizers",
             *args.optimizers, "--seeds", *map(str, args.seeds), "--epochs", str(args.epochs),
             "--width", f"{args.width:g}", "--batch-size", str(args.batch_size)]
@@ -156,8 +177,12 @@ def reproduce_command(args) -> str:
     parts += ["--cpu-devices", str(args.cpu_devices)]
   for opt, lr in sorted(args.lrs.items()):
     parts += ["--lr", f"{opt}={lr:g}"]
-  if args.extra:
-    parts += ["--", *args.extra]
+  extra = list(args.extra)
+  preset_extra = PRESETS.get(args.preset, {}).get("extra", [])
+  if extra[:len(preset_extra)] == preset_extra:  # the preset's flag implies these
+    extra = extra[len(preset_extra):]
+  if extra:
+    parts += ["--", *extra]
   return "python train/table1.py " + " ".join(shlex.quote(p) for p in parts)
 
 
@@ -166,9 +191,10 @@ def _lr_note(args) -> str:
     return ""
   return (", except the learning rate" + ("s" if len(args.lrs) > 1 else "") + " of " +
           ", ".join(f"{OPT_LABELS[o]} ({lr:g})" for o, lr in sorted(args.lrs.items())) +
-          (", chosen on a validation split in `train/results/ablation_cifar10` "
+          (f", chosen on a validation split in `train/results/{CPU_PRESETS[args.preset][3]}` "
            "(docs/method.md#65-the-learning-rate-chosen-on-validation)"
-           if args.preset == "cpu_full" and args.lrs == CPU_FULL["lrs"] else ""))
+           if args.preset in CPU_PRESETS and args.lrs == CPU_PRESETS[args.preset][0]["lrs"]
+           else ""))
 
 
 def _sa_reading_note(args, results: dict) -> str:
@@ -205,18 +231,20 @@ def _sa_reading_note(args, results: dict) -> str:
 
 def write_table(args, results: dict, path: pathlib.Path) -> str:
   cols = [(d, m) for d in args.datasets for m in args.models]
-  title = {"mini": "Table 1 (mini)", "cpu_full": "Table 1 (CPU scale, full CIFAR-10)"}.get(
-      args.preset, "Table 1")
+  title = {"mini": "Table 1 (mini)", "cpu_full": "Table 1 (CPU scale, full CIFAR-10)",
+           "cpu_full_cifar100": "Table 1 (CPU scale, full CIFAR-100)"}.get(args.preset,
+                                                                            "Table 1")
   lines = [f"# {title}: final-epoch test accuracy (%)", ""]
   if args.mini:
     label = MINI_LABEL if os.path.abspath(args.data_dir) == MINI["data_dir"] else (
         f"mini run on a small CIFAR subset ({display_path(args.data_dir)}); says nothing "
         "about full CIFAR")
     lines += [f"**{label}.**", ""]
-  elif args.preset == "cpu_full":
+  elif args.preset in CPU_PRESETS:
+    preset, _, preset_label, _ = CPU_PRESETS[args.preset]
     same = (args.models, args.epochs, args.width) == (
-        CPU_FULL["models"], CPU_FULL["epochs"], CPU_FULL["width"])
-    label = CPU_FULL_LABEL if same else (
+        preset["models"], preset["epochs"], preset["width"])
+    label = preset_label if same else (
         f"CPU-scale run ({', '.join(m.upper() for m in args.models)}-BN at width "
         f"{args.width:g}, {args.epochs} epochs); the paper trains full-width networks for "
         "200 epochs")
@@ -324,7 +352,7 @@ def plot_curves(args, results: dict, path: pathlib.Path) -> None:
   sup = "Test accuracy per epoch, every seed"
   if args.mini:
     sup += " (mini run on a CIFAR subset; says nothing about full CIFAR)"
-  elif args.preset == "cpu_full":
+  elif args.preset in CPU_PRESETS:
     sup += f" (CPU scale: width {args.width:g}, {args.epochs} epochs)"
   fig.suptitle(sup, fontsize=10)
   fig.tight_layout()
@@ -393,7 +421,7 @@ def plot_figure1(args, results: dict, path: pathlib.Path) -> None:
          f"epochs, batch {args.batch_size}")
   if args.mini:
     sup += " (mini run on a CIFAR subset; says nothing about full CIFAR)"
-  elif args.preset == "cpu_full":
+  elif args.preset in CPU_PRESETS:
     sup += " (CPU scale; the paper: full width, 200 epochs)"
   fig.suptitle(sup, fontsize=10)
   fig.tight_layout()
