@@ -68,6 +68,34 @@ def test_cpu_full_preset(tmp_path):
     table1.parse_args(["--cpu-full", "--mini"])
 
 
+def test_cpu_full_cifar100_preset(tmp_path):
+  args = table1.parse_args(["--cpu-full-cifar100"])
+  assert args.preset == "cpu_full_cifar100"
+  assert (args.models, args.datasets, args.epochs, args.width) == (["vgg13"], ["cifar100"], 30,
+                                                                   0.125)
+  assert pathlib.Path(args.data_dir) == ROOT.parent / "data/cifar-100-python"
+  assert pathlib.Path(args.out) == ROOT / "train/results/table1_cpu_full_cifar100"
+  # Every optimizer at its lr chosen in the CIFAR-100 screen, passed to each run explicitly,
+  # with the per-block log; a user's flags after '--' come after the preset's.
+  assert args.lrs == {"sgd": 0.1, "lars": 4.0, "lsalr": 0.03, "scale_amended": 0.1}
+  cmds = {o: table1.command(args, d, m, o, s, tmp_path / "w")
+          for d, m, o, s in table1_report.grid(args) if s == 0}
+  assert [c[c.index("--lr") + 1] for c in cmds.values()] == ["0.1", "4", "0.03", "0.1"]
+  assert all(c[-1] == "--log-blocks" and "cifar100" in c for c in cmds.values())
+  args2 = table1.parse_args(["--cpu-full-cifar100", "--", "--cpu-devices", "2"])
+  assert args2.extra == ["--log-blocks", "--cpu-devices", "2"]
+  text = table1_report.write_table(args, {}, tmp_path / "t.md")
+  assert table1_report.CPU_FULL_C100_LABEL in text
+  assert "train/results/ablation_cifar100" in text
+  # The reproduce line names the preset, not its implied flags twice.
+  cmd = table1_report.reproduce_command(args)
+  assert cmd.startswith("python train/table1.py --cpu-full-cifar100 ") and "--log-blocks" not in cmd
+  assert "--data-dir ../data/cifar-100-python" in cmd
+  assert table1_report.reproduce_command(args2).endswith("-- --cpu-devices 2")
+  with pytest.raises(SystemExit):
+    table1.parse_args(["--cpu-full", "--cpu-full-cifar100"])
+
+
 def test_paths_on_the_command_line_are_relative_to_the_cwd(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   args = table1.parse_args(["--cpu-full", "--data-dir", "d", "--out", "o",
