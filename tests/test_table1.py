@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from train import table1, table1_report
+from train import table1, table1_figures, table1_report
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -202,10 +202,10 @@ def test_curve_band_median_and_range():
           1: [{"epoch": 1, "x": 3.0}, {"epoch": 2, "x": float("nan")}],
           2: [{"epoch": 1, "x": 2.0}, {"epoch": 2, "x": 5.0}]}
   # Epoch 2 lacks a finite value for seed 1: only epoch 1 counts.
-  assert table1_report.curve_band(runs, "x", 10.0) == ([1], [20.0], [10.0], [30.0])
+  assert table1_figures.curve_band(runs, "x", 10.0) == ([1], [20.0], [10.0], [30.0])
   runs[1][1]["x"] = 6.0
-  assert table1_report.curve_band(runs, "x") == ([1, 2], [2.0, 5.0], [1.0, 4.0], [3.0, 6.0])
-  assert table1_report.curve_band(runs, "missing") == ([], [], [], [])
+  assert table1_figures.curve_band(runs, "x") == ([1, 2], [2.0, 5.0], [1.0, 4.0], [3.0, 6.0])
+  assert table1_figures.curve_band(runs, "missing") == ([], [], [], [])
 
 
 def test_figure1_png_from_fake_metrics(tmp_path):
@@ -219,12 +219,33 @@ def test_figure1_png_from_fake_metrics(tmp_path):
   results = table1_report.collect(args)
   assert len(results[("cifar10", "vgg13", "sgd")]) == 3
   path = tmp_path / "figure1.png"
-  table1_report.plot_figure1(args, results, path)
+  table1_figures.plot_figure1(args, results, path)
   img = matplotlib.image.imread(path)
   assert img.shape[0] > 300 and img.shape[1] > 800
   # Both panels drew coloured curves: the image is not blank.
   assert np.std(img[..., :3]) > 0.05
   # No temporary files left behind.
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_blocks_figure_only_from_runs_that_logged_blocks(tmp_path):
+  import matplotlib.image as mpimg
+  args = table1.parse_args(["--cpu-full-cifar100", "--epochs", "3", "--optimizers", "sgd",
+                            "scale_amended", "--out", str(tmp_path / "o")])
+  path = tmp_path / "blocks.png"
+  plain = {s: [{"epoch": e, "train_loss": 1.0, "test_acc": 0.1} for e in (1, 2, 3)]
+           for s in (0, 1)}
+  table1_figures.plot_blocks(args, {("cifar100", "vgg13", "sgd"): plain}, path)
+  assert not path.exists()  # nothing logged: no empty figure
+
+  def logged(scale):
+    return [{"epoch": e, "blocks": {"angular_step": [scale * e, 2 * scale * e, 0.5 * scale]}}
+            for e in (1, 2, 3)]
+  results = {("cifar100", "vgg13", "sgd"): {0: logged(0.01), 1: logged(0.02)},
+             ("cifar100", "vgg13", "scale_amended"): {0: logged(0.001)}}
+  table1_figures.plot_blocks(args, results, path)
+  img = mpimg.imread(path)
+  assert img.shape[1] > img.shape[0] and np.std(img[..., :3]) > 0.05  # two panels, drawn
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
