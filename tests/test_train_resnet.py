@@ -70,6 +70,14 @@ def test_sa_input_scale_reaches_the_optimizer():
   assert config_lib.config_from_args(args).sa_input_scale == "unit"
 
 
+def _vgg_run(tmp_path):
+  config = config_lib.Config(model="vgg11", width=0.0625, epochs=1, batch_size=32,
+                             train_subset=32, test_subset=32, data_dir="sample",
+                             allow_subset=True, schedule="constant").resolved()
+  cifar.train_and_evaluate(config, str(tmp_path / "vgg"), progress=False)
+  return tmp_path / "vgg"
+
+
 def test_resnet_one_epoch_with_block_logging(tmp_path):
   config = _config(optimizer="scale_amended", batch_size=64, train_subset=128, test_subset=64,
                    data_dir="sample", allow_subset=True, schedule="constant")
@@ -85,6 +93,18 @@ def test_resnet_one_epoch_with_block_logging(tmp_path):
   assert blocks["factor"][-1] == pytest.approx(1) and all(x > 0 for x in blocks["w_norm"])
   stored = json.loads((tmp_path / "w" / "config.json").read_text())
   assert stored["model"] == "resnet20" and stored["sa_input_scale"] == "propagated"
+  # The §7 measurement reads the trained checkpoint: γ, β as trained, not 1 and 0.
+  from train import local_hessian_resnet as lhr  # pylint: disable=import-outside-toplevel
+  lhr.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "lh"),
+            "--batch-size", "4", "--probes", "2", "--max-units", "2"])
+  (result,) = json.loads((tmp_path / "lh" / "resnet_trained.json").read_text()).values()
+  assert (result["optimizer"], result["epoch"], len(result["rows"])) == ("scale_amended", 1, 2)
+  assert all(np.isfinite(r["relu_sum"]) and r["relu_sum"] > 0 for r in result["rows"])
+  text = (tmp_path / "lh" / "resnet_trained.md").read_text()
+  assert "after training (scale_amended, epoch 1)" in text and "(γ, β as trained)" in text
+  assert str(tmp_path) not in text  # the run is named, not its machine path
+  with pytest.raises(SystemExit, match="holds vgg11"):
+    lhr.main(["--checkpoint", str(_vgg_run(tmp_path)), "--out", str(tmp_path / "lh")])
 
 
 @pytest.mark.parametrize("flags, needle", [

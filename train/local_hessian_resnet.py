@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 
 import optax_bm  # noqa: E402
 from optax_bm import hessian as hs  # noqa: E402
-from train import data as data_lib  # noqa: E402
+from train import pipeline  # noqa: E402
 from train import models  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +59,7 @@ def load_images(data_dir: str, n: int) -> jax.Array:
   with open(os.path.join(data_dir, "data_batch_1"), "rb") as f:
     batch = pickle.load(f, encoding="bytes")
   images = np.asarray(batch[b"data"][:n], np.uint8).reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
-  return data_lib.normalize(jnp.asarray(images), "cifar10")
+  return pipeline.normalize(jnp.asarray(images), "cifar10")
 
 
 def _pure(module):
@@ -122,9 +122,15 @@ def cross_term(f_s, f_f, z, key, probes):
 
 
 def measure(name: str, width: float, images: jax.Array, probes: int, seed: int,
-            max_units: Optional[int] = None) -> dict:
-  """Measures every residual unit (the first ``max_units`` only, if given)."""
-  model = models.create(name, 10, width=width, rngs=nnx.Rngs(seed))
+            max_units: Optional[int] = None, params=None, num_classes: int = 10) -> dict:
+  """Measures every residual unit (the first ``max_units`` only, if given), at
+  initialization or, with ``params`` (a pure dict, as a checkpoint holds), at those weights."""
+  model = models.create(name, num_classes, width=width, rngs=nnx.Rngs(seed))
+  if params is not None:
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+  # BatchNorm on batch statistics, as in training: the local Hessians of the step taken.
   model.train()
   specs = optax_bm.annotate(model, images[:2])
   params = nnx.as_pure(nnx.state(model, nnx.Param))
@@ -161,12 +167,13 @@ def _log_ratio_stats(rows, key, reading):
   return float(np.exp(np.mean(r))), float(np.std(r))
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, when: str = "at initialization", heading: str = "#") -> str:
   rows = result["rows"]
-  out = [f"# Local Hessians of residual units at initialization ({result['model']}, width "
+  weights = "(γ = 1, β = 0)" if when == "at initialization" else "(γ, β as trained)"
+  out = [f"{heading} Local Hessians of residual units {when} ({result['model']}, width "
          f"{result['width']:g})", "",
          f"{result['batch']} real CIFAR-10 training images (the first of `data_batch_1`), "
-         f"BatchNorm on batch statistics (γ = 1, β = 0), seed {result['seed']}; each unit's "
+         f"BatchNorm on batch statistics {weights}, seed {result['seed']}; each unit's "
          f"input Hessian `H_z = J_zᵀ J_z` by its mean eigenvalue `tr(H_z)/d` (Hutchinson, "
          f"{result['probes']} Rademacher probes; standard errors in the JSON). `v_in`: the "
          "unit input's measured second moment, and the signal-propagation recursion's "
@@ -208,15 +215,64 @@ def main(argv=None) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", default=DEFAULT_DATA)
   p.add_argument("--out", default=os.path.join(REPO, "train", "results", "local_hessian"))
+  p.add_argument("--max-units", type=int, default=None,
+                 help="measure only the first N units (a quick look)")
+  p.add_argument("--checkpoint", action="append", default=None, metavar="WORKDIR",
+                 help="a train/cifar.py work directory of a CIFAR-10 ResNet (repeatable): "
+                      "measure at its last checkpoint instead of at initialization; writes "
+                      "<model>_trained.md/.json")
   args = p.parse_args(argv)
   images = load_images(args.data_dir, args.batch_size)
-  result = measure(args.model, args.width, images, args.probes, args.seed)
   os.makedirs(args.out, exist_ok=True)
+  if args.checkpoint:
+    trained(args, images)
+    return
+  result = measure(args.model, args.width, images, args.probes, args.seed)
   stem = "resnet" if args.model == "resnet20" else args.model
   with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
     json.dump(result, f, indent=1)
   with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
     f.write(markdown(result))
+  log(f"wrote {os.path.join(args.out, stem + '.md')}")
+
+
+def trained(args, images) -> None:
+  """The measurement at each ``--checkpoint``'s last checkpoint: ``<model>_trained.md``."""
+  # pylint: disable=import-outside-toplevel
+  from train.local_hessian import checkpoint_names, describe_run
+  from train.local_hessian_vgg import CheckpointUnavailable, load_checkpoint
+  names = checkpoint_names(args)
+  sections, results, model = [], {}, None
+  for workdir in args.checkpoint:
+    try:
+      name, width, num_classes, params, epoch, opt = load_checkpoint(workdir)
+    except CheckpointUnavailable as e:
+      raise SystemExit(f"error: --checkpoint {workdir}: {e}") from None
+    if name not in models.RESNETS or num_classes != 10:
+      raise SystemExit(f"error: --checkpoint {workdir}: holds {name} on {num_classes} classes; "
+                       "this measures CIFAR-10 ResNets")
+    if model not in (None, name):
+      raise SystemExit(f"error: --checkpoint {workdir}: holds {name}, the first one {model}")
+    model = name
+    log(f"{names[workdir]}: {name} width {width:g}, epoch {epoch}, {opt}")
+    result = measure(name, width, images, args.probes, args.seed, args.max_units,
+                     params=params)
+    result.update(optimizer=opt, epoch=epoch, run=names[workdir])
+    results[names[workdir]] = result
+    sections.append(f"{names[workdir]}: {describe_run(workdir)}; measured at its checkpoint of "
+                    f"epoch {epoch}.\n\n"
+                    + markdown(result, f"after training ({opt}, epoch {epoch})", "##"))
+  stem = ("resnet" if model == "resnet20" else model) + "_trained"
+  text = (f"# Local Hessians of residual units after training ({model})\n\n"
+          "The table of `resnet.md` (at initialization) at trained weights: does each "
+          "assumption of docs/method.md#7-residual-networks still hold? Written by "
+          "`train/local_hessian_resnet.py --checkpoint`.\n\n" + "\n".join(sections))
+  for suffix, body in ((".json", json.dumps(results, indent=1)), (".md", text)):
+    path = os.path.join(args.out, stem + suffix)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(body)
+    os.replace(tmp, path)  # a reader never sees half a report
   log(f"wrote {os.path.join(args.out, stem + '.md')}")
 
 
