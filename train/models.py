@@ -41,6 +41,44 @@ CFGS: dict[str, tuple] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"),
 }
+
+
+def _quadrants(x: jax.Array) -> tuple:
+  """The four corners of every 2×2 window, in the window's row-major order."""
+  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+
+
+@jax.custom_jvp
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2×2 max-pool, stride 2, of an NHWC map with even height and width.
+
+  Computes exactly what ``nnx.max_pool(x, (2, 2), strides=(2, 2))`` computes, values and
+  derivatives: the tangent (and so the cotangent) of a window goes to its first maximum in
+  row-major order, as ``lax.reduce_window``'s derivative (select-and-scatter) does. Why by
+  hand: XLA:CPU runs reduce-window and select-and-scatter in its generic loop emitter; as a
+  maximum of the four strided quadrants with this rule the forward and backward pool is
+  5-15× faster there (``benchmarks/README.md``, "max-pool"), and it stays an ordinary
+  differentiable function (forward mode, Hessians) on every backend.
+  """
+  n, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f"max_pool_2x2: the map is {h}×{w}; height and width must be even")
+  a, b, c_, d = _quadrants(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c_, d))
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = max_pool_2x2(x)
+  a, b, c, _ = _quadrants(x)
+  first_a = a == y
+  first_b = (b == y) & ~first_a
+  first_c = (c == y) & ~(first_a | first_b)
+  ta, tb, tc, td = _quadrants(t)
+  return y, jnp.where(first_a, ta, jnp.where(first_b, tb, jnp.where(first_c, tc, td)))
+
+
 def scaled_channels(c: int, width: float) -> int:
   """``round(c · width)``, at least 1."""
   return max(1, int(round(c * width)))
@@ -64,7 +102,7 @@ class ConvBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn(self.conv(x)))
     if self.pool:
-      x = nnx.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     if self.flatten:
       x = x.reshape(x.shape[0], -1)
     return x
