@@ -10,12 +10,14 @@ interleaved, median of ``--reps``:
   (batch ``--batch``);
 * the trainer's whole training step (``train.steps.train_step``, SGD and scale-amended SGD)
   with each pool, for each ``--models`` at each width: the model built and the step compiled
-  once with ``nnx.max_pool`` patched in ("before") and once as shipped ("after").
+  once with ``nnx.max_pool`` patched in ("before") and once as shipped ("after");
+* with ``--epoch MODEL@WIDTH``, whole training epochs on the full CIFAR-10 with each pool.
 
 Usage::
 
   python benchmarks/max_pool.py                      # vgg11, vgg13 at widths 1/8 and 1
   python benchmarks/max_pool.py --models vgg11 --widths 1/8 --reps 5 --out /tmp/pool.md
+  python benchmarks/max_pool.py --epoch vgg13@1/8    # + whole epochs of Table 1's CPU run
 """
 
 from __future__ import annotations
@@ -43,8 +45,22 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--reps", type=int, default=7, help="interleaved samples of each side")
   p.add_argument("--sample-seconds", type=float, default=0.5)
+  p.add_argument("--epoch", default=None, metavar="MODEL@WIDTH",
+                 help="also time whole training epochs on the full CIFAR-10 with each pool, "
+                      "e.g. vgg13@1/8 (Table 1's CPU run): the trainer's EpochRunner, SGD")
+  p.add_argument("--epoch-repeats", type=int, default=2, help="epochs of each side")
+  p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10" /
+                                           "cifar-10-batches-py"),
+                 help="CIFAR-10 python version for --epoch (default ../shared/data/cifar10/"
+                      "cifar-10-batches-py relative to the repository)")
   p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report (written atomically)")
   args = p.parse_args(argv)
+  if args.epoch is not None:
+    model, _, width = args.epoch.partition("@")
+    try:
+      args.epoch = (model, _width(width or "1"))
+    except (ValueError, ZeroDivisionError):
+      p.error(f"--epoch {args.epoch!r}: expected MODEL@WIDTH, e.g. vgg13@1/8")
   from train import models  # pylint: disable=import-outside-toplevel
   args.models = args.models.split(",")
   for m in args.models:
@@ -133,7 +149,50 @@ def bench_steps(args, oo, pp) -> list:
   return rows
 
 
-def report(args, argv, oo, pool_rows, step_rows, loads, seconds) -> str:
+def bench_epoch(args, pp) -> dict:
+  """Seconds per training epoch (full CIFAR-10, SGD) with each pool, epochs interleaved."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from flax import nnx
+  from train import config as config_lib, models, pipeline, steps as steps_lib
+  name, width = args.epoch
+  shipped = models.max_pool_2x2
+  reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
+  mesh = pipeline.make_mesh()
+  config = config_lib.Config(model=name, width=width, optimizer="sgd", batch_size=args.batch,
+                             lr=0.1, data_dir=args.data_dir).resolved()
+  data = pipeline.load_data(config, mesh, pipeline.pad_to(1000, mesh.devices.size))
+  steps_per_epoch = data.num_train // args.batch
+  sides = {}
+  for side, pool in (("before", reference), ("after", shipped)):
+    config, setup, state, _ = pp.trainer_state(name, width, "sgd", args.batch, steps_per_epoch,
+                                               args.data_dir)
+    state = pipeline.replicate(state, mesh)
+    runner = steps_lib.EpochRunner(setup, mesh, config, data, steps_per_epoch,
+                                   pipeline.pad_to(1000, mesh.devices.size), steps_per_call=1)
+    models.max_pool_2x2 = pool
+    try:
+      runner.compile(state)
+    finally:
+      models.max_pool_2x2 = shipped
+    hlo = runner.train_fns[1].as_text()
+    if ("reduce-window" in hlo) != (side == "before"):
+      raise AssertionError(f"epoch {side}: the compiled step does not use the pool asked for")
+    sides[side] = [runner, state]
+  times = {"before": [], "after": []}
+  for r in range(args.epoch_repeats):
+    for side in (("before", "after") if r % 2 == 0 else ("after", "before")):
+      runner, state = sides[side]
+      t0 = time.perf_counter()
+      state, sums = runner.train_epoch(state, r)
+      jax.block_until_ready((state, sums))
+      times[side].append(time.perf_counter() - t0)
+      sides[side][1] = state
+      print(f"  epoch {name} w{_label(width)} {side}: {times[side][-1]:.1f} s", flush=True)
+  return {"model": name, "width": width, "images": data.num_train, "times": times}
+
+
+def report(args, argv, oo, pool_rows, step_rows, loads, seconds, epoch=None) -> str:
   cmd = "python benchmarks/max_pool.py" + "".join(f" {a}" for a in argv)
   lines = ["# 2×2 max-pool: `train.models.max_pool_2x2` against `nnx.max_pool` (issue 21)", "",
            f"Command: `{cmd}`", "", oo.machine_line().replace(str(ROOT), "."), "",
@@ -164,6 +223,18 @@ def report(args, argv, oo, pool_rows, step_rows, loads, seconds) -> str:
         f"{1e3 * med[('sgd', 'after')]:.1f} | {ratio['sgd']:.3f} | "
         f"{1e3 * med[('scale_amended', 'before')]:.1f} | "
         f"{1e3 * med[('scale_amended', 'after')]:.1f} | {ratio['scale_amended']:.3f} |")
+  if epoch is not None:
+    t = epoch["times"]
+    lines += ["", f"## Whole training epochs: {epoch['model']} width {_label(epoch['width'])}, "
+              f"full CIFAR-10 ({epoch['images']} images), SGD, batch {args.batch}", "",
+              "The trainer's `EpochRunner` (data on the device, augmentation inside the jitted "
+              "step, one step per call), epochs of the two sides interleaved; seconds per "
+              "epoch, every epoch listed.", "",
+              "| pool | seconds per epoch | median |", "|---|---|---|"]
+    for side, label in (("before", "nnx.max_pool"), ("after", "max_pool_2x2")):
+      lines.append(f"| {label} | {', '.join(f'{x:.1f}' for x in t[side])} | "
+                   f"{float(np.median(t[side])):.1f} |")
+    lines += ["", f"after / before: {float(np.median(t['after'])) / float(np.median(t['before'])):.3f}."]
   lines += ["", f"Total {seconds:.0f} s.", ""]
   return "\n".join(lines)
 
@@ -180,8 +251,9 @@ def main(argv=None) -> int:
   loads = [oo.load_line("at start")]
   pool_rows = bench_pool(args, oo)
   step_rows = bench_steps(args, oo, pp)
+  epoch = bench_epoch(args, pp) if args.epoch else None
   loads.append(oo.load_line("at the end"))
-  text = report(args, argv, oo, pool_rows, step_rows, loads, time.time() - t0)
+  text = report(args, argv, oo, pool_rows, step_rows, loads, time.time() - t0, epoch)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(f".{out.name}.tmp")

@@ -73,3 +73,20 @@ def test_throughput_quick(runs):
     assert f"| {kind} |" in out, kind
   assert "| conv, no op name |" not in out  # every convolution's JAX op name was found
   assert "0 operand-swapped convolutions took 0 ms" in out
+
+
+def test_max_pool_benchmark_tiny(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out_md = tmp_path / "pool.md"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--models", "vgg11",
+       "--widths", "1/16", "--batch", "8", "--reps", "1", "--sample-seconds", "0", "--out",
+       str(out_md)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  text = out_md.read_text()
+  assert "## The pool alone" in text and "| 1/16 | (8, 32, 32, 4) |" in text
+  assert "| vgg11 | 1/16 |" in text and str(ROOT) not in text
+  bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--models",
+                        "vgg12"], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert bad.returncode == 2 and "unknown VGG 'vgg12'" in bad.stderr
