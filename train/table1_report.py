@@ -189,11 +189,20 @@ def reproduce_command(args) -> str:
 def _lr_note(args) -> str:
   if not args.lrs:
     return ""
+  from train.config import PAPER_SETTINGS  # pylint: disable=import-outside-toplevel
+  same = lambda o, lr: lr == PAPER_SETTINGS[o][0]  # noqa: E731
   return (", except the learning rate" + ("s" if len(args.lrs) > 1 else "") + " of " +
-          ", ".join(f"{OPT_LABELS[o]} ({lr:g})" for o, lr in sorted(args.lrs.items())) +
+          ", ".join(f"{OPT_LABELS[o]} ({lr:g}{', the paper’s too' if same(o, lr) else ''})"
+                    for o, lr in sorted(args.lrs.items())) +
           (f", chosen on a validation split in `train/results/{CPU_PRESETS[args.preset][3]}` "
            "(docs/method.md#65-the-learning-rate-chosen-on-validation)"
            if args.preset in CPU_PRESETS and args.lrs == CPU_PRESETS[args.preset][0]["lrs"]
+           else "") +
+          # The paper's exact scale-amended setting is a row of its own unless it is this one.
+          (". Scale-amended SGD's learning rate here is the paper's, with the paper's weight "
+           "decay: its row is also the paper's exact setting"
+           if "scale_amended" in args.optimizers and same("scale_amended",
+                                                          args.lrs.get("scale_amended", -1))
            else ""))
 
 
