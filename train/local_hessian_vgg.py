@@ -119,7 +119,8 @@ def _ratio(x):
 def vgg_markdown(results, args, title) -> str:
   lines = [
       f"## (b) {title}: scalar local Hessians vs. measured mean eigenvalue, per block", "",
-      f"Batch of {args.batch_size} real CIFAR-10 images, BatchNorm on batch statistics, float32. "
+      f"Batch of {args.batch_size} real {args.dataset.upper().replace('CIFAR', 'CIFAR-')} "
+      "images, BatchNorm on batch statistics, float32. "
       f"Measured: tr(H)/dim by Hutchinson ({args.samples} Rademacher vectors, ± one standard "
       "error); H_W is the kernel's block of H_θ = J_θᵀJ_θ/N, H_z = J_zᵀJ_z over the whole batch; "
       "the offset column is the exact mean eigenvalue of the BatchNorm offset's block (the "
@@ -190,6 +191,9 @@ def part_vgg(args, images, out_dir: str) -> str:
       notes.append(f"**Checkpoint {shown} not analysed:** {str(e).replace(workdir, shown)}.")
       log(f"(b) {notes[-1]}")
       continue
+    if ck_classes != (100 if args.dataset == "cifar100" else 10):
+      raise SystemExit(f"error: --checkpoint {shown}: a {ck_classes}-class run; measure it on "
+                       f"its own data set (--dataset {'cifar100' if ck_classes == 100 else 'cifar10'})")
     if not trained:
       name, width, num_classes = ck_name, ck_width, ck_classes
     elif (ck_name, ck_width, ck_classes) != (name, width, num_classes):
