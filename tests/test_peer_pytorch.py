@@ -87,3 +87,44 @@ def test_quick_run(tmp_path):
   assert "Load average" in text and "torch 2." in text
   assert "parameters: PyTorch" in proc.stdout
   assert str(ROOT) not in text  # no absolute paths in the report
+
+
+# --- benchmarks/peer_profile.py ------------------------------------------------------------
+
+
+def test_profile_bad_flags_and_missing_torch(monkeypatch, capsys, tmp_path):
+  from benchmarks import peer_profile  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "profile.md"
+  with pytest.raises(SystemExit) as e:
+    peer_profile.main(["--models", "vgg12", "--out", str(out)])
+  assert e.value.code == 2 and "unknown VGG 'vgg12'" in capsys.readouterr().err
+  monkeypatch.setitem(sys.modules, "torch", None)
+  assert peer_profile.main(["--out", str(out)]) == 2
+  assert "PyTorch is not installed" in capsys.readouterr().err and not out.exists()
+
+
+def test_profile_classifies_pytorch_kernels_like_the_trainer():
+  from benchmarks import peer_profile  # pylint: disable=import-outside-toplevel
+  kind = peer_profile.torch_kind
+  assert kind("aten::mkldnn_convolution") == "conv, forward"
+  assert kind("aten::convolution_backward") == "conv, backward (input and weight gradients)"
+  assert kind("aten::native_batch_norm_backward") == "BatchNorm backward"
+  assert kind("aten::max_pool2d_with_indices_backward") == "max-pool, forward and backward"
+  assert kind("aten::threshold_backward") == kind("aten::relu_") == "ReLU, forward and backward"
+  assert kind("aten::_foreach_add_") == "optimizer update"
+  assert kind("aten::copy_").startswith("other")
+
+
+def test_profile_quick_run(tmp_path):
+  pytest.importorskip("torch")
+  out = tmp_path / "profile.md"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "peer_profile.py"), "--widths", "1/16",
+       "--batch", "8", "--steps", "1", "--out", str(out)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  text = out.read_text()
+  assert "## vgg11 width 1/16" in text and "conv, weight gradient" in text
+  assert "conv, backward (input and weight gradients)" in text and str(ROOT) not in text
