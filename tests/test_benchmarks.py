@@ -90,3 +90,16 @@ def test_max_pool_benchmark_tiny(tmp_path):
   bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--models",
                         "vgg12"], cwd=ROOT, env=env, capture_output=True, text=True)
   assert bad.returncode == 2 and "unknown VGG 'vgg12'" in bad.stderr
+
+
+def test_xla_flags_benchmark_reports_every_flag_even_a_failing_one(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out_md = tmp_path / "flags.md"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "xla_flags.py"), "--width", "1/16", "--batch",
+       "8", "--rounds", "1", "--samples", "1", "--calls", "1", "--flags=--xla_bogus_flag=1",
+       "--out", str(out_md)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  text = out_md.read_text()
+  assert "| (none: the baseline) |" in text and "| 1.000 |" in text
+  assert "| `--xla_bogus_flag=1` | — | — | — (failed: " in text and "Unknown flag" in text
