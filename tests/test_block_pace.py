@@ -45,3 +45,17 @@ def test_unfinished_or_unlogged_runs_are_skipped_and_report_compares(tmp_path):
   assert "| SGD | 1 | 5.0× | 5.0× |" in text and "| SA | 1 | 10.0× | 10.0× |" in text
   # Relative pace, phase 2: median over seeds of SA (6e-4) against SGD's 2e-3.
   assert "| SA | 0.60 | 0.30 |" in text
+
+
+def test_runs_without_a_validation_split_report_test_accuracy(tmp_path):
+  # Table 1's runs train on the whole training set: their records hold test_acc only.
+  cfg = {"epochs": 2, "batch_size": 100, "val_split": 0, "train_subset": None, "lr": 0.1,
+         "data": {"train_images": 1000}}
+  (tmp_path / "t-s0.config.json").write_text(json.dumps(cfg))
+  (tmp_path / "t-s0.metrics.jsonl").write_text("".join(
+      json.dumps({"epoch": e, "lr": lr, "train_loss": 1.0, "test_acc": 0.25 * e,
+                  "blocks": {"angular_step": [1e-2 / e]}}) + "\n"
+      for e, lr in ((1, 0.1), (2, 0.01))))
+  collected = block_pace.collect([("t1", tmp_path, [("SGD", "t")])])
+  text = block_pace.write_report(collected, tmp_path / "out" / "block_pace.md")
+  assert "| (test 25.00) |" in text and "| (test 50.00) |" in text

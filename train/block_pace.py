@@ -28,7 +28,7 @@ into ``--out``.
 
 Example::
 
-  python train/block_pace.py            # the committed CIFAR-10 ablation and CIFAR-100 screen
+  python train/block_pace.py   # the committed CIFAR-10 ablation, CIFAR-100 screen and Table 1 runs
 """
 
 from __future__ import annotations
@@ -54,6 +54,14 @@ CIFAR10 = ("CIFAR-10, VGG11-BN w1/8, 30 epochs", RESULTS / "ablation_cifar10" / 
            [("SGD lr 0.1", "sgd-lr0.1-e30"),
             ("scale-amended lr 0.03 (default reading)", "sa_unscaled-lr0.03-e30"),
             ("scale-amended lr 0.01 (authors' pooling)", "sa_pool_after-lr0.01-e30")])
+
+
+# Table 1's CIFAR-100 half: 30 epochs on all 50,000 training images, each optimizer at its lr
+# chosen in the screen.
+CIFAR100_TABLE1 = ("CIFAR-100, VGG13-BN w1/8, 30 epochs (Table 1 runs, no validation split)",
+                   RESULTS / "table1_cpu_full_cifar100" / "runs",
+                   [("SGD lr 0.1", "cifar100-vgg13-sgd"),
+                    ("scale-amended lr 0.1 (default reading)", "cifar100-vgg13-scale_amended")])
 
 
 class Run(NamedTuple):
@@ -117,6 +125,8 @@ def pace(run: Run) -> list:
                   * run.steps_per_epoch,
         "train_loss": by_epoch[last].get("train_loss"),
         "val_acc": by_epoch[last].get("val_acc"),
+        # Runs trained on the whole training set (Table 1) have no validation split.
+        "test_acc": by_epoch[last].get("test_acc"),
     })
   return rows
 
@@ -128,7 +138,7 @@ def group_pace(runs: list) -> list:
   out = []
   for k in range(n):
     row = dict(per[0][k])
-    for key in ("first", "last", "spread", "travel", "train_loss", "val_acc"):
+    for key in ("first", "last", "spread", "travel", "train_loss", "val_acc", "test_acc"):
       vals = [p[k][key] for p in per if p[k][key] is not None]
       row[key] = statistics.median(vals) if vals else None
     out.append(row)
@@ -221,7 +231,7 @@ def write_report(collected: list, path: pathlib.Path, with_init_factors: bool = 
   for title, groups in collected:
     lines += [f"## {title}", "",
               "| optimizer | seeds | phase (epochs) | lr | median step, first → last epoch | "
-              "spread | travel | train loss | val acc % |",
+              "spread | travel | train loss | val acc % (test acc % without a validation split) |",
               "|---|---|---|---|---|---|---|---|---|"]
     summaries = {}
     for label, runs in groups:
@@ -232,7 +242,8 @@ def write_report(collected: list, path: pathlib.Path, with_init_factors: bool = 
             f"| {label if k == 0 else ''} | {len(runs) if k == 0 else ''} | "
             f"{r['epochs'][0]}–{r['epochs'][1]} | {r['lr']:g} | {_e(r['first'])} → "
             f"{_e(r['last'])} | {r['spread']:.1f}× | {r['travel']:.2f} | "
-            f"{r['train_loss']:.3f} | {100 * r['val_acc']:.2f} |")
+            f"{r['train_loss']:.3f} | " + (f"{100 * r['val_acc']:.2f}" if r["val_acc"] is not None
+                                           else f"(test {100 * r['test_acc']:.2f})") + " |")
     lines += ["", "| optimizer | decay | fall at the decay | with recovery |", "|---|---|---|---|"]
     for label, rows in summaries.items():
       for k in range(len(rows) - 1):
@@ -294,7 +305,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   c100 = RESULTS / "ablation_cifar100" / "runs"
   studies = [CIFAR10, ("CIFAR-100, VGG13-BN w1/8, 10 epochs (screen, best lr on validation)",
-                       c100, cifar100_groups(c100))]
+                       c100, cifar100_groups(c100)), CIFAR100_TABLE1]
   collected = collect(studies)
   if not collected:
     print("error: no finished run records with --log-blocks found under "
