@@ -88,3 +88,18 @@ def test_code_citations_of_docs_resolve():
         if why:
           problems.append(f"{py.relative_to(REPO)}: {why}")
   assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("tag, results", [
+    ("table1-cpu-full", "table1_cpu_full"),
+    ("table1-cpu-full-cifar100", "table1_cpu_full_cifar100"),
+])
+def test_results_page_shows_the_committed_table1(tag, results):
+  """docs/results.md's copy of a CPU Table 1 is the committed report's, row for row."""
+  text = (REPO / "docs" / "results.md").read_text()
+  start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+  assert start in text and end in text, tag
+  shown = [l for l in text[text.index(start):text.index(end)].splitlines() if l.startswith("|")]
+  table = (REPO / "train" / "results" / results / "table1.md").read_text()
+  committed = [l for l in table.splitlines() if l.startswith("|")]
+  assert shown and shown == committed
