@@ -269,7 +269,8 @@ def log_invocation(args, wall_s: float, ran: int) -> None:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   with open(out / "invocations.jsonl", "a") as f:
-    f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    started = time.localtime(time.time() - wall_s)  # logged at the end: subtract the wall time
+    f.write(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S", started),
                         "wall_s": round(wall_s, 1), "runs": ran, "jobs": args.jobs}) + "\n")
 
 
