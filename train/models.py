@@ -57,7 +57,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   row-major order, as ``lax.reduce_window``'s derivative (select-and-scatter) does. Why by
   hand: XLA:CPU runs reduce-window and select-and-scatter in its generic loop emitter; as a
   maximum of the four strided quadrants with this rule the forward and backward pool is
-  5-15× faster there (``benchmarks/README.md``, "max-pool"), and it stays an ordinary
+  3-15× faster there (``benchmarks/README.md``, fix 3), and it stays an ordinary
   differentiable function (forward mode, Hessians) on every backend.
   """
   n, h, w, c = x.shape
