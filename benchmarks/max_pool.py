@@ -33,7 +33,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from train import cli  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+
+from benchmarks import peer_pytorch as pp  # noqa: E402  pylint: disable=wrong-import-position
+from train import cli, models  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "max_pool.md"
 
@@ -58,35 +61,30 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.epoch is not None:
     model, _, width = args.epoch.partition("@")
     try:
-      args.epoch = (model, _width(width or "1"))
-    except (ValueError, ZeroDivisionError):
+      args.epoch = (model, pp.parse_width(width or "1"))
+    except pp.UsageError:
       p.error(f"--epoch {args.epoch!r}: expected MODEL@WIDTH, e.g. vgg13@1/8")
-  from train import models  # pylint: disable=import-outside-toplevel
   args.models = args.models.split(",")
   for m in args.models:
     if m not in models.CFGS:
       p.error(f"--models: unknown VGG {m!r}; choose from {', '.join(models.CFGS)}")
   try:
-    args.widths = [_width(w) for w in args.widths.split(",")]
-  except (ValueError, ZeroDivisionError):
-    p.error(f"--widths {args.widths!r}: expected numbers or fractions like 1/8, comma-separated")
+    args.widths = [pp.parse_width(w) for w in args.widths.split(",")]
+  except pp.UsageError as e:
+    p.error(str(e))
   if any(not 0 < w <= 1 for w in args.widths) or args.batch < 1 or args.reps < 1:
     p.error("--widths must be in (0, 1], --batch and --reps at least 1")
   return args
 
 
-def _width(s: str) -> float:
-  num, _, den = s.partition("/")
-  return float(num) / float(den or 1)
-
-
-def _label(w: float) -> str:
-  return "1" if w == 1 else f"1/{round(1 / w)}" if abs(1 / w - round(1 / w)) < 1e-9 else f"{w:g}"
+def _nnx_pool(x):
+  """The pool the trainer used before: ``nnx.max_pool``'s 2×2 / stride-2 ("before")."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
 
 def pool_shapes(width: float, batch: int) -> list:
   """The NHWC maps a VGG pools: 32, 16, 8, 4, 2 pixels at 64·w .. 512·w channels."""
-  from train import models  # pylint: disable=import-outside-toplevel
   chans = (64, 128, 256, 512, 512)
   return [(batch, 32 >> i, 32 >> i, models.scaled_channels(c, width))
           for i, c in enumerate(chans)]
@@ -95,16 +93,13 @@ def pool_shapes(width: float, batch: int) -> list:
 def bench_pool(args, oo) -> list:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from train import models  # pylint: disable=import-outside-toplevel
   rows = []
   for width in args.widths:
     for shape in pool_shapes(width, args.batch):
       x = jax.nn.relu(jax.random.normal(jax.random.key(0), shape))
       ct = jnp.ones((shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
       chains = {}
-      for name, pool in (("nnx.max_pool", lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))),
-                         ("max_pool_2x2", models.max_pool_2x2)):
+      for name, pool in (("nnx.max_pool", _nnx_pool), ("max_pool_2x2", models.max_pool_2x2)):
         fn = jax.jit(lambda x, ct, pool=pool: (x, jax.vjp(pool, x)[1](ct)[0]))
         chains[name] = oo.Chain(fn, (x,), (ct,), 1)
         chains[name].calibrate(args.sample_seconds / 5)
@@ -115,19 +110,17 @@ def bench_pool(args, oo) -> list:
   return rows
 
 
-def bench_steps(args, oo, pp) -> list:
+def bench_steps(args, oo) -> list:
   import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from train import models, steps as steps_lib  # pylint: disable=import-outside-toplevel
+  from train import steps as steps_lib  # pylint: disable=import-outside-toplevel
   shipped = models.max_pool_2x2
-  reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
   rows = []
   for name in args.models:
     for width in args.widths:
       images, labels = oo.fake_batch(batch=args.batch)
       chains = {}
       for opt in ("sgd", "scale_amended"):
-        for side, pool in (("before", reference), ("after", shipped)):
+        for side, pool in (("before", _nnx_pool), ("after", shipped)):
           models.max_pool_2x2 = pool  # read when the model is traced, i.e. compiled below
           try:
             _, setup, state, _ = pp.trainer_state(name, width, opt, args.batch)
@@ -143,28 +136,26 @@ def bench_steps(args, oo, pp) -> list:
                                     / np.asarray(times[(opt, "before")])))
                for opt in ("sgd", "scale_amended")}
       rows.append((name, width, med, ratio))
-      print(f"  step {name} w{_label(width)}: " + ", ".join(
+      print(f"  step {name} w{pp.width_label(width)}: " + ", ".join(
           f"{o} {1e3 * med[(o, 'before')]:.1f} -> {1e3 * med[(o, 'after')]:.1f} ms"
           for o in ("sgd", "scale_amended")), flush=True)
   return rows
 
 
-def bench_epoch(args, pp) -> dict:
+def bench_epoch(args) -> dict:
   """Seconds per training epoch (full CIFAR-10, SGD) with each pool, epochs interleaved."""
   # pylint: disable=import-outside-toplevel
   import jax
-  from flax import nnx
-  from train import config as config_lib, models, pipeline, steps as steps_lib
+  from train import config as config_lib, pipeline, steps as steps_lib
   name, width = args.epoch
   shipped = models.max_pool_2x2
-  reference = lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2))  # noqa: E731
   mesh = pipeline.make_mesh()
   config = config_lib.Config(model=name, width=width, optimizer="sgd", batch_size=args.batch,
                              lr=0.1, data_dir=args.data_dir).resolved()
   data = pipeline.load_data(config, mesh, pipeline.pad_to(1000, mesh.devices.size))
   steps_per_epoch = data.num_train // args.batch
   sides = {}
-  for side, pool in (("before", reference), ("after", shipped)):
+  for side, pool in (("before", _nnx_pool), ("after", shipped)):
     config, setup, state, _ = pp.trainer_state(name, width, "sgd", args.batch, steps_per_epoch,
                                                args.data_dir)
     state = pipeline.replicate(state, mesh)
@@ -192,7 +183,7 @@ def bench_epoch(args, pp) -> dict:
       jax.block_until_ready((state, sums))
       times[side].append(time.perf_counter() - t0)
       sides[side][1] = state
-      print(f"  epoch {name} w{_label(width)} {side}: {times[side][-1]:.1f} s", flush=True)
+      print(f"  epoch {name} w{pp.width_label(width)} {side}: {times[side][-1]:.1f} s", flush=True)
   return {"model": name, "width": width, "images": data.num_train, "times": times}
 
 
@@ -210,7 +201,7 @@ def report(args, argv, oo, pool_rows, step_rows, loads, seconds, epoch=None) -> 
            "", "| width | map (N, H, W, C) | nnx.max_pool ms | max_pool_2x2 ms | speed-up |",
            "|---|---|---|---|---|"]
   for width, shape, med in pool_rows:
-    lines.append(f"| {_label(width)} | {shape} | {1e3 * med['nnx.max_pool']:.2f} | "
+    lines.append(f"| {pp.width_label(width)} | {shape} | {1e3 * med['nnx.max_pool']:.2f} | "
                  f"{1e3 * med['max_pool_2x2']:.2f} | "
                  f"{med['nnx.max_pool'] / med['max_pool_2x2']:.1f}× |")
   lines += ["", f"## The trainer's training step, batch {args.batch}, median of {args.reps} "
@@ -223,14 +214,14 @@ def report(args, argv, oo, pool_rows, step_rows, loads, seconds, epoch=None) -> 
             "|---|---|---|---|---|---|---|---|"]
   for name, width, med, ratio in step_rows:
     lines.append(
-        f"| {name} | {_label(width)} | {1e3 * med[('sgd', 'before')]:.1f} | "
+        f"| {name} | {pp.width_label(width)} | {1e3 * med[('sgd', 'before')]:.1f} | "
         f"{1e3 * med[('sgd', 'after')]:.1f} | {ratio['sgd']:.3f} | "
         f"{1e3 * med[('scale_amended', 'before')]:.1f} | "
         f"{1e3 * med[('scale_amended', 'after')]:.1f} | {ratio['scale_amended']:.3f} |")
   if epoch is not None:
     t = epoch["times"]
-    lines += ["", f"## Whole training epochs: {epoch['model']} width {_label(epoch['width'])}, "
-              f"full CIFAR-10 ({epoch['images']} images), SGD, batch {args.batch}", "",
+    lines += ["", f"## Whole training epochs: {epoch['model']} width "
+              f"{pp.width_label(epoch['width'])}, full CIFAR-10 ({epoch['images']} images), SGD, batch {args.batch}", "",
               "The trainer's `EpochRunner` (data on the device, augmentation inside the jitted "
               "step, one step per call), epochs of the two sides interleaved; seconds per "
               "epoch, every epoch listed.", "",
@@ -247,27 +238,18 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   cli.set_cpu_xla_flags()  # the trainer's flags, before the first computation
-  global np  # pylint: disable=global-statement
-  import numpy as np  # pylint: disable=import-outside-toplevel,redefined-outer-name
   from benchmarks import optimizer_overhead as oo  # pylint: disable=import-outside-toplevel
-  from benchmarks import peer_pytorch as pp  # pylint: disable=import-outside-toplevel
   t0 = time.time()
   loads = [oo.load_line("at start")]
   pool_rows = bench_pool(args, oo)
-  step_rows = bench_steps(args, oo, pp)
-  epoch = bench_epoch(args, pp) if args.epoch else None
+  step_rows = bench_steps(args, oo)
+  epoch = bench_epoch(args) if args.epoch else None
   loads.append(oo.load_line("at the end"))
   text = report(args, argv, oo, pool_rows, step_rows, loads, time.time() - t0, epoch)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, out)
+  pp.write_atomic(pathlib.Path(args.out), text)
   print(text)
   return 0
 
-
-np = None  # numpy, imported in main() after the XLA flags are set
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import os
 import pathlib
 import sys
@@ -37,7 +36,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from train import cli  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+
+from benchmarks import peer_pytorch as pp  # noqa: E402  pylint: disable=wrong-import-position
+from train import cli, models  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "peer_profile.md"
 
@@ -68,16 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="PyTorch intra-op threads (default: every core)")
   p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown report (written atomically)")
   args = p.parse_args(argv)
-  from train import models  # pylint: disable=import-outside-toplevel
   args.models = args.models.split(",")
   for m in args.models:
     if m not in models.CFGS:
       p.error(f"--models: unknown VGG {m!r}; choose from {', '.join(models.CFGS)}")
   try:
-    args.widths = [float(n) / float(d or 1) for n, _, d in
-                   (w.partition("/") for w in args.widths.split(","))]
-  except (ValueError, ZeroDivisionError):
-    p.error(f"--widths {args.widths!r}: expected numbers or fractions like 1/8, comma-separated")
+    args.widths = [pp.parse_width(w) for w in args.widths.split(",")]
+  except pp.UsageError as e:
+    p.error(str(e))
   if any(not 0 < w <= 1 for w in args.widths) or args.batch < 1 or args.steps < 1:
     p.error("--widths must be in (0, 1], --batch and --steps at least 1")
   return args
@@ -118,7 +118,7 @@ def profile_trainer(name, width, batch, steps, images, labels):
   """(ms per step by kind, ops per step, wall ms per step) of the trainer's SGD step."""
   # pylint: disable=import-outside-toplevel
   import jax
-  from benchmarks import peer_pytorch as pp, throughput as tp
+  from benchmarks import throughput as tp
   step, state, _ = pp.trainer_step(name, width, "sgd", batch)
   kernels = [tuple(k.shape) for k in jax.tree.leaves(state["params"]) if k.ndim == 4]
   fn = jax.jit(step, donate_argnums=(0,)).lower(state, images, labels).compile()
@@ -148,7 +148,7 @@ def report(args, argv, torch, oo, rows, loads, seconds) -> str:
            "may overlap across threads; tracing itself slows both sides, so the wall times "
            "here are above `peer_pytorch.py`'s.", ""]
   for name, width, t_kinds, t_ops, t_wall, p_kinds, p_ops, p_wall in rows:
-    wl = "1" if width == 1 else f"1/{round(1 / width)}"
+    wl = pp.width_label(width)
     lines += [f"## {name} width {wl}", "",
               f"Traced step wall time: trainer {t_wall:.1f} ms ({t_ops:.0f} ops), PyTorch "
               f"{p_wall:.1f} ms ({p_ops:.0f} ATen ops); op time summed: trainer "
@@ -170,10 +170,7 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   cli.set_cpu_xla_flags()  # the trainer's flags, before the first computation
-  global np  # pylint: disable=global-statement
-  import numpy as np  # pylint: disable=import-outside-toplevel,redefined-outer-name
   from benchmarks import optimizer_overhead as oo  # pylint: disable=import-outside-toplevel
-  from benchmarks import peer_pytorch as pp  # pylint: disable=import-outside-toplevel
   try:
     torch = pp.import_torch()
   except pp.UsageError as e:
@@ -192,16 +189,10 @@ def main(argv=None) -> int:
       print(f"  {name} w{width:g}: trainer {t[2]:.1f} ms, PyTorch {p[2]:.1f} ms", flush=True)
   loads.append(oo.load_line("at the end"))
   text = report(args, argv, torch, oo, rows, loads, time.time() - t0)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, out)
+  pp.write_atomic(pathlib.Path(args.out), text)
   print(text)
   return 0
 
-
-np = None  # numpy, imported in main() after the XLA flags are set
 
 if __name__ == "__main__":
   sys.exit(main())

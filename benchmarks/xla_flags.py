@@ -28,6 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+from benchmarks import peer_pytorch as pp  # noqa: E402  pylint: disable=wrong-import-position
 from train import cli  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "xla_flags.md"
@@ -49,10 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--out", default=str(DEFAULT_OUT))
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  num, _, den = args.width.partition("/")
   try:
-    args.width_value = float(num) / float(den or 1)
-  except (ValueError, ZeroDivisionError):
+    args.width_value = pp.parse_width(args.width)
+  except pp.UsageError:
     p.error(f"--width {args.width!r}: expected a number or a fraction like 1/8")
   if min(args.rounds, args.samples, args.calls, args.batch) < 1:
     p.error("--rounds, --samples, --calls and --batch must be at least 1")
@@ -63,7 +63,7 @@ def child(args) -> None:
   """One process: the trainer's step under this process's $XLA_FLAGS; prints a JSON line."""
   cli.set_cpu_xla_flags()
   import jax  # pylint: disable=import-outside-toplevel
-  from benchmarks import optimizer_overhead as oo, peer_pytorch as pp  # pylint: disable=import-outside-toplevel
+  from benchmarks import optimizer_overhead as oo  # pylint: disable=import-outside-toplevel
   step, state, _ = pp.trainer_step(args.model, args.width_value, "sgd", args.batch)
   images, labels = oo.fake_batch(batch=args.batch)
   fn = jax.jit(step, donate_argnums=(0,)).lower(state, images, labels).compile()
@@ -126,11 +126,7 @@ def main(argv=None) -> int:
                  f"{', '.join(f'{m:.1f}' for m in meds) or '—'} | {rel}"
                  f"{' (failed: ' + errors[0] + ')' if errors else ''} |")
   text = "\n".join(lines) + "\n"
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, out)
+  pp.write_atomic(pathlib.Path(args.out), text)
   print(text)
   return 0
 
