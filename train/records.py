@@ -214,13 +214,27 @@ def read_metrics(workdir: str) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+# Where orbax moves a checkpoint past ``keep`` (one atomic rename) before we delete it. Orbax's
+# own deletion removes a step directory's files in place, so a run killed during it left a
+# half-deleted step that orbax still lists as a checkpoint.
+CHECKPOINT_TRASH = "trash"
+
+
 def checkpoint_manager(workdir: str, keep: int = 3):
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  empty_checkpoint_trash(directory)  # what a killed run was deleting
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                          cleanup_tmp_directories=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options, item_names=("state", "history"))
+                                         enable_async_checkpointing=False,
+                                         todelete_subdir=CHECKPOINT_TRASH)
+  return ocp.CheckpointManager(directory, options=options, item_names=("state", "history"))
+
+
+def empty_checkpoint_trash(directory: str) -> None:
+  """Deletes the checkpoints orbax set aside (process 0 only, as orbax deletes)."""
+  if jax.process_index() == 0:
+    shutil.rmtree(os.path.join(directory, CHECKPOINT_TRASH), ignore_errors=True)
 
 
 def save_checkpoint(mngr, epoch: int, state: dict, history: list) -> None:
@@ -228,6 +242,7 @@ def save_checkpoint(mngr, epoch: int, state: dict, history: list) -> None:
   mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                            history=ocp.args.JsonSave(history)))
   mngr.wait_until_finished()
+  empty_checkpoint_trash(str(mngr.directory))
 
 
 def restore_checkpoint(mngr, state: dict, epoch: Optional[int] = None):
