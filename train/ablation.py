@@ -89,6 +89,13 @@ READINGS = {
     "sa_decay_after": _sa("SA: unscaled + decay after scaling", decay="after"),
 }
 LSALR = ("LSALR (wd 1e-3)", ["--optimizer", "lsalr"])
+# ResNets (docs/method.md §7): He et al.'s SGD, and scale-amended SGD under each reading of a
+# residual unit's input scale (the library's two).
+RESNET_READINGS = {
+    "sgd_he": ("SGD (wd 1e-4, He et al.)", ["--optimizer", "sgd"]),
+    "sa_propagated": _sa("SA: input scale propagated", **{"input-scale": "propagated"}),
+    "sa_unit": _sa("SA: input scale 1", **{"input-scale": "unit"}),
+}
 LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
 LARS_LRS = (2.0, 1.0, 4.0)
 LSALR_LRS = (0.1, 0.03, 0.3)
@@ -102,12 +109,13 @@ TITLE = "Full CIFAR-10, VGG11-BN"  # figures and tables
 
 
 class Study(NamedTuple):
-  """One dataset's ablation: what :func:`use_study` puts into this module's globals."""
+  """One study's ablation: what :func:`use_study` puts into this module's globals."""
   dataset: str
   model: str
   title: str
   data_dir: pathlib.Path
   readings: tuple
+  width: float = WIDTH
 
 
 STUDIES = {
@@ -115,24 +123,28 @@ STUDIES = {
     "cifar100": Study("cifar100", "vgg13", "Full CIFAR-100, VGG13-BN",
                       REPO.parent / "data" / "cifar-100-python",
                       ("sgd", "sa_unscaled", "lars", "lsalr")),
+    # Width 1/4 (4-8-16 channels): the widest whose screen and 3-seed confirmation fit in a
+    # few hours on 2 CPU cores (an epoch about 40 s; width 1/2 about 75 s).
+    "cifar10-resnet20": Study("cifar10", "resnet20", "Full CIFAR-10, ResNet-20", DATA_DIR,
+                              tuple(RESNET_READINGS), width=0.25),
 }
-_ALL_READINGS = {**READINGS, "lsalr": LSALR}
+_ALL_READINGS = {**READINGS, "lsalr": LSALR, **RESNET_READINGS}
 
 
-def use_study(dataset: str, data_dir: Optional[str] = None) -> Study:
-  """Points the module's globals (data, model, readings, output and work directories) at one
-  dataset's study; CIFAR-10's is the default at import."""
-  global DATA_DIR, OUT, WORKDIRS, MODEL, READINGS, TITLE, DATASET  # pylint: disable=global-statement
-  study = STUDIES[dataset]
-  DATASET, MODEL, TITLE = study.dataset, study.model, study.title
+def use_study(name: str, data_dir: Optional[str] = None) -> Study:
+  """Points the module's globals (data, model, width, readings, output and work directories)
+  at one study of :data:`STUDIES`; CIFAR-10's VGG11 is the default at import."""
+  global DATA_DIR, OUT, WORKDIRS, MODEL, READINGS, TITLE, DATASET, WIDTH, STUDY  # pylint: disable=global-statement
+  study = STUDIES[name]
+  STUDY, DATASET, MODEL, TITLE, WIDTH = name, study.dataset, study.model, study.title, study.width
   DATA_DIR = pathlib.Path(data_dir).resolve() if data_dir else study.data_dir
-  OUT = REPO / "train" / "results" / f"ablation_{dataset}"
-  WORKDIRS = REPO / "workdirs" / f"ablation_{dataset}"
+  OUT = REPO / "train" / "results" / f"ablation_{name.replace('-', '_')}"
+  WORKDIRS = REPO / "workdirs" / f"ablation_{name.replace('-', '_')}"
   READINGS = {r: _ALL_READINGS[r] for r in study.readings}
   return study
 
 
-DATASET = "cifar10"
+STUDY, DATASET = "cifar10", "cifar10"
 
 
 def sweep(reading: str) -> tuple:
@@ -214,7 +226,7 @@ def execute(run: Run, git_commit: bool) -> str:
   if st in ("finished", "diverged"):
     report()
     if git_commit:
-      _commit([str(OUT.relative_to(REPO))], f"ablation_{DATASET}: {run.name} {st}")
+      _commit([str(OUT.relative_to(REPO))], f"{OUT.name}: {run.name} {st}")
   return st
 
 
@@ -256,7 +268,7 @@ README = REPO / "docs" / "results.md"  # where the committed tables are shown
 
 def readme_markers() -> tuple:
   """The markers in ``docs/results.md`` around the current study's tables."""
-  return ablation_report.readme_markers(DATASET)
+  return ablation_report.readme_markers(STUDY)
 
 
 README_MARKERS = readme_markers()
@@ -265,15 +277,18 @@ README_MARKERS = readme_markers()
 def update_readme(readme: pathlib.Path = README) -> bool:
   """The current study's tables into ``readme`` (:func:`train.ablation_report.update_readme`).
   Returns whether the file changed."""
-  return ablation_report.update_readme(readme, OUT, TITLE, DATASET)
+  return ablation_report.update_readme(readme, OUT, TITLE, STUDY)
 
 
 def main(argv=None) -> int:
   from train import cli  # pylint: disable=import-outside-toplevel
   p = cli.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--dataset", choices=tuple(STUDIES), default="cifar10",
+  p.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10",
                  help="cifar10: VGG11-BN, every reading; cifar100: VGG13-BN, SGD, the default "
                       "scale-amended reading, LARS, LSALR")
+  p.add_argument("--model", choices=("resnet20",), default=None,
+                 help="resnet20 (cifar10 only): ResNet-20 width 1/4, SGD (wd 1e-4) and "
+                      "scale-amended SGD under each residual input-scale reading")
   p.add_argument("--data-dir", default=None,
                  help="the official extracted directory (default: cifar10 "
                       "../shared/data/cifar10/cifar-10-batches-py, cifar100 "
@@ -293,7 +308,10 @@ def main(argv=None) -> int:
                  help="with --report-only: also put the tables into docs/results.md (between "
                       "its <!-- ablation-table[-DATASET]:start/end --> markers)")
   args = p.parse_args(argv)
-  use_study(args.dataset, args.data_dir)
+  name = args.dataset if args.model is None else f"{args.dataset}-{args.model}"
+  if name not in STUDIES:
+    p.error(f"--model {args.model} is studied on {', '.join(k.split('-')[0] for k in STUDIES if k.endswith(args.model))} only")
+  use_study(name, args.data_dir)
   if args.report_only:
     report()
     if args.readme:
