@@ -139,3 +139,53 @@ def test_readme_tables_come_from_the_report(tmp_path, monkeypatch):
   assert "**Screen: one seed, 10 epochs (full CIFAR-10, VGG11-BN width 1/8).**" in text
   assert "| 1 |" in text and "| b |" in text and text.endswith(f"{ablation.README_MARKERS[1]}\nend\n")
   assert not ablation.update_readme(readme)  # idempotent
+
+
+@pytest.fixture
+def resnet_study():
+  yield ablation.use_study("cifar10-resnet20")
+  ablation.use_study("cifar10")
+
+
+def test_resnet_study_runs_and_report(resnet_study, tmp_path, monkeypatch):
+  assert resnet_study.width == 0.25 and ablation.MODEL == "resnet20"
+  screen = ablation.screen_runs()
+  assert len(screen) == 3 * 4 and {r.reading for r in screen} == {"sgd_he", "sa_propagated",
+                                                                   "sa_unit"}
+  cmds = {r.reading: " ".join(ablation.command(r)) for r in screen if r.lr == 0.1}
+  for cmd in cmds.values():
+    assert "--model resnet20 --width 0.25" in cmd and "--dataset cifar10" in cmd
+    assert "workdirs/ablation_cifar10_resnet20/" in cmd
+  assert "--sa-input-scale unit" in cmds["sa_unit"]
+  assert "--sa-input-scale propagated" in cmds["sa_propagated"]
+  assert "--sa-input-scale" not in cmds["sgd_he"]
+  assert ablation.OUT.name == "ablation_cifar10_resnet20"
+  assert ablation.README_MARKERS != ablation.readme_markers()  # its own place in the docs
+  # The report says the width and weight decays the runs recorded.
+  monkeypatch.setattr(ablation, "OUT", tmp_path / "out")
+  runs = tmp_path / "out" / "runs"
+  runs.mkdir(parents=True)
+  for run, opt, wd, val in ((ablation.Run("sgd_he", 0.1, 10, 0), "sgd", 1e-4, 0.8),
+                            (ablation.Run("sa_unit", 0.1, 10, 0), "scale_amended", 5e-3, 0.7)):
+    (runs / f"{run.name}.config.json").write_text(
+        json.dumps({"optimizer": opt, "weight_decay": wd, "width": 0.25}))
+    (runs / f"{run.name}.metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": 1.0, "val_acc": val, "test_acc": val})
+        + "\n" for e in range(1, 11)))
+  ablation.report()
+  text = (tmp_path / "out" / "ablation.md").read_text()
+  assert "ResNet-20 width 0.25" in text and "Weight decay: SGD 1e-4, scale-amended 5e-3" in text
+  readme = tmp_path / "results.md"
+  start, end = ablation.readme_markers()
+  readme.write_text(f"{start}\n{end}\n")
+  assert ablation.update_readme(readme)
+  assert "(full CIFAR-10, ResNet-20 width 1/4).**" in readme.read_text()
+  (runs / "x-lr1-e10-s0.config.json").write_text(json.dumps({"width": 0.5}))
+  with pytest.raises(ValueError, match="several widths"):
+    ablation.report()
+
+
+def test_resnet_study_is_cifar10_only(capsys):
+  with pytest.raises(SystemExit):
+    ablation.main(["--dataset", "cifar100", "--model", "resnet20", "--dry-run"])
+  assert "studied on cifar10 only" in capsys.readouterr().err
