@@ -14,6 +14,8 @@ import pathlib
 import statistics
 from typing import NamedTuple
 
+from train import atomic
+
 # The protocol the tables describe (``train/ablation.py`` runs it).
 VAL_SPLIT = 5000
 WIDTH, BATCH = 0.125, 128
@@ -209,9 +211,7 @@ def write_table(rows, out: pathlib.Path, readings: dict, title: str) -> str:
       lines.append("")
   lines += _block_table(rows, readings)
   text = "\n".join(lines) + "\n"
-  tmp = out / ".ablation.md.tmp"
-  tmp.write_text(text)
-  os.replace(tmp, out / "ablation.md")
+  atomic.write_text(out / "ablation.md", text)
   return text
 
 
@@ -254,9 +254,7 @@ def _pyplot():
 
 def _save_figure(fig, out: pathlib.Path, name: str) -> None:
   """Writes ``out/name`` atomically (a reader never sees half a PNG) and closes ``fig``."""
-  tmp = out / f".{name}.tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, out / name)
+  atomic.save_figure(fig, out / name)
   _pyplot().close(fig)
 
 
@@ -386,7 +384,5 @@ def update_readme(readme: pathlib.Path, out: pathlib.Path, title: str, study: st
   new = (text[:begin + len(markers[0])] + "\n" + body + "\n" + text[finish:])
   if new == text:
     return False
-  tmp = readme.with_name(f".{readme.name}.tmp")
-  tmp.write_text(new)
-  os.replace(tmp, readme)
+  atomic.write_text(readme, new)
   return True

@@ -44,6 +44,8 @@ from typing import NamedTuple, Optional
 REPO = pathlib.Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(REPO))
+from train import atomic  # noqa: E402  pylint: disable=wrong-import-position
+
 RESULTS = REPO / "train" / "results"
 OUT = RESULTS / "block_pace"
 
@@ -266,9 +268,7 @@ def write_report(collected: list, path: pathlib.Path, with_init_factors: bool = 
     lines += _init_factor_lines()
   text = "\n".join(lines) + "\n"
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  atomic.write_text(path, text)
   return text
 
 
@@ -291,9 +291,7 @@ def plot(collected: list, path: pathlib.Path) -> None:
   fig.suptitle("Effective angular step of the blocks' kernels: median block (line) and range "
                "over blocks (shaded), seed 0")
   fig.tight_layout()
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+  atomic.save_figure(fig, path)
   plt.close(fig)
 
 

@@ -43,6 +43,7 @@ from flax import nnx  # noqa: E402
 
 import optax_bm  # noqa: E402
 from optax_bm import hessian as hs  # noqa: E402
+from train import atomic  # noqa: E402
 from train import pipeline  # noqa: E402
 from train import models  # noqa: E402
 
@@ -268,11 +269,7 @@ def trained(args, images) -> None:
           "assumption of docs/method.md#7-residual-networks still hold? Written by "
           "`train/local_hessian_resnet.py --checkpoint`.\n\n" + "\n".join(sections))
   for suffix, body in ((".json", json.dumps(results, indent=1)), (".md", text)):
-    path = os.path.join(args.out, stem + suffix)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(body)
-    os.replace(tmp, path)  # a reader never sees half a report
+    atomic.write_text(os.path.join(args.out, stem + suffix), body)
   log(f"wrote {os.path.join(args.out, stem + '.md')}")
 
 

@@ -18,18 +18,13 @@ from typing import Optional
 import jax
 import numpy as np
 
+from train import atomic
 from train import data as data_lib
 from train.config import Config, UsageError
 from train.state import create_schedule
 
 
-def atomic_write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+atomic_write = atomic.write_text
 
 
 def finite_or_none(x):

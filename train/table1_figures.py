@@ -3,10 +3,10 @@ Figure 1 style) and ``blocks.png`` (each block's angular step, SGD beside scale-
 
 from __future__ import annotations
 
-import os
 import pathlib
 import statistics
 
+from train import atomic
 from train.table1_report import CPU_PRESETS, OPT_COLORS, OPT_LABELS, is_diverged
 
 
@@ -48,10 +48,7 @@ def plot_curves(args, results: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def _save_figure(fig, path: pathlib.Path) -> None:
-  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, path)
+_save_figure = atomic.save_figure
 
 
 def curve_band(runs: dict, key: str, scale: float = 1.0):

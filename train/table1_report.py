@@ -16,6 +16,7 @@ import statistics
 import sys
 from typing import Optional
 
+from train import atomic
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ("vgg11", "vgg13", "vgg16", "vgg19")
@@ -309,14 +310,8 @@ def write_table(args, results: dict, path: pathlib.Path) -> str:
             f"Reproduce: `{reproduce_command(args)}` (finished runs are skipped, interrupted "
             "ones resume).", ""]
   text = "\n".join(lines)
-  _atomic_write_text(path, text)
+  atomic.write_text(path, text)
   return text
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 _FINISHED_RE = re.compile(r"^(\d+)/(\d+) runs finished", re.M)
@@ -345,7 +340,7 @@ def copy_metrics(args, results: dict, out: pathlib.Path) -> None:
           text = src.read_text()
           if f == "config.json":
             text = portable_config(text)
-          _atomic_write_text(dest / f"{name}.{f}", text)
+          atomic.write_text(dest / f"{name}.{f}", text)
 
 
 def portable_config(text: str) -> str:
