@@ -150,8 +150,8 @@ def resnet_study():
 def test_resnet_study_runs_and_report(resnet_study, tmp_path, monkeypatch):
   assert resnet_study.width == 0.25 and ablation.MODEL == "resnet20"
   screen = ablation.screen_runs()
-  assert len(screen) == 3 * 4 and {r.reading for r in screen} == {"sgd_he", "sa_propagated",
-                                                                   "sa_unit"}
+  assert len(screen) == 4 * 4 and {r.reading for r in screen} == {
+      "sgd_he", "sa_propagated", "sa_unit", "sa_propagated_gamma"}
   cmds = {r.reading: " ".join(ablation.command(r)) for r in screen if r.lr == 0.1}
   for cmd in cmds.values():
     assert "--model resnet20 --width 0.25" in cmd and "--dataset cifar10" in cmd
@@ -159,6 +159,8 @@ def test_resnet_study_runs_and_report(resnet_study, tmp_path, monkeypatch):
   assert "--sa-input-scale unit" in cmds["sa_unit"]
   assert "--sa-input-scale propagated" in cmds["sa_propagated"]
   assert "--sa-input-scale" not in cmds["sgd_he"]
+  assert "--sa-gamma aware --sa-decay before --sa-input-scale propagated" in \
+      cmds["sa_propagated_gamma"]
   assert ablation.OUT.name == "ablation_cifar10_resnet20"
   assert ablation.README_MARKERS != ablation.readme_markers()  # its own place in the docs
   # The report says the width and weight decays the runs recorded.

@@ -95,6 +95,11 @@ RESNET_READINGS = {
     "sgd_he": ("SGD (wd 1e-4, He et al.)", ["--optimizer", "sgd"]),
     "sa_propagated": _sa("SA: input scale propagated", **{"input-scale": "propagated"}),
     "sa_unit": _sa("SA: input scale 1", **{"input-scale": "unit"}),
+    # Added after the lr-0.1 runs' local Hessians (train/results/local_hessian/
+    # resnet_trained.md): scale-amended training shrinks the branches' BatchNorm γ, which the
+    # propagated scalars ignore unless γ²-aware.
+    "sa_propagated_gamma": _sa("SA: input scale propagated, γ²-aware", gamma="aware",
+                               **{"input-scale": "propagated"}),
 }
 LRS = (0.1, 0.03, 0.3, 0.01)  # run in this order: the most informative first
 LARS_LRS = (2.0, 1.0, 4.0)
@@ -288,7 +293,8 @@ def main(argv=None) -> int:
                       "scale-amended reading, LARS, LSALR")
   p.add_argument("--model", choices=("resnet20",), default=None,
                  help="resnet20 (cifar10 only): ResNet-20 width 1/4, SGD (wd 1e-4) and "
-                      "scale-amended SGD under each residual input-scale reading")
+                      "scale-amended SGD under each residual input-scale reading (and "
+                      "propagated with γ²-aware scalars)")
   p.add_argument("--data-dir", default=None,
                  help="the official extracted directory (default: cifar10 "
                       "../shared/data/cifar10/cifar-10-batches-py, cifar100 "

@@ -23,7 +23,8 @@ SCREEN_EPOCHS, CONFIRM_EPOCHS = 10, 30
 COLORS = {"sgd": "tab:blue", "lars": "tab:orange", "lsalr": "tab:olive", "sa_v1": "tab:red",
           "sa_unscaled": "tab:green", "sa_pool_after": "tab:purple",
           "sa_pool_effective": "tab:brown", "sa_gamma": "tab:pink", "sa_decay_after": "tab:gray",
-          "sgd_he": "tab:blue", "sa_propagated": "tab:green", "sa_unit": "tab:red"}
+          "sgd_he": "tab:blue", "sa_propagated": "tab:green", "sa_unit": "tab:red",
+          "sa_propagated_gamma": "tab:purple"}
 
 
 class Run(NamedTuple):

@@ -12,7 +12,9 @@ images, this measures the mean eigenvalue ``tr(J_zᵀ J_z) / d`` of the unit's i
   prediction (``input_scale="propagated"``);
 
 and sets them against ``m_{u,z}`` of :func:`optax_bm.unit_scalars` under both input-scale
-readings (``"unit"``: ``v ≡ 1``; ``"propagated"``). Writes a markdown table and a JSON file.
+readings (``"unit"``: ``v ≡ 1``; ``"propagated"``), the latter also with ``gamma_aware=True``
+(each BatchNorm block's scalars times its ``E[γ²]``: at initialization ``γ = 1`` and it is
+``"propagated"``; after training it is not). Writes a markdown table and a JSON file.
 
 Usage::
 
@@ -122,6 +124,11 @@ def cross_term(f_s, f_f, z, key, probes):
   return [float(x) for x in run(z, key)]
 
 
+# The scalar readings set against the measurements: name -> (input_scale, gamma_aware).
+READINGS = {"unit": ("unit", False), "propagated": ("propagated", False),
+            "propagated_gamma": ("propagated", True)}
+
+
 def measure(name: str, width: float, images: jax.Array, probes: int, seed: int,
             max_units: Optional[int] = None, params=None, num_classes: int = 10) -> dict:
   """Measures every residual unit (the first ``max_units`` only, if given), at
@@ -135,8 +142,8 @@ def measure(name: str, width: float, images: jax.Array, probes: int, seed: int,
   model.train()
   specs = optax_bm.annotate(model, images[:2])
   params = nnx.as_pure(nnx.state(model, nnx.Param))
-  readings = {r: optax_bm.unit_scalars(specs, params, input_scale=r)
-              for r in ("unit", "propagated")}
+  readings = {r: optax_bm.unit_scalars(specs, params, input_scale=scale, gamma_aware=gamma)
+              for r, (scale, gamma) in READINGS.items()}
   key = jax.random.key(seed)
   z = _pure(model.stem)(images)
   rows = []
@@ -182,19 +189,21 @@ def markdown(result: dict, when: str = "at initialization", heading: str = "#") 
          "each reading. Written by `train/local_hessian_resnet.py`.", "",
          "| unit | shortcut | v_in | v_in predicted | with ReLU after the sum | without it | "
          "branch alone | shortcut alone | cross term | m_uz `unit` (v ≡ 1) | m_uz "
-         "`propagated` |",
-         "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "`propagated` | m_uz `propagated`, γ²-aware |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     out.append(f"| {r['unit']} | {r['shortcut']} | {r['v_in']:.2f} | {r['v_in_propagated']:.2f} "
                f"| {r['relu_sum']:.3f} | {r['sum']:.3f} | {r['branch']:.3f} | "
                f"{r['shortcut_only']:.3f} | {r['cross']:+.3f} | "
-               f"{r['m_uz_unit']:.3f} | {r['m_uz_propagated']:.3f} |")
+               f"{r['m_uz_unit']:.3f} | {r['m_uz_propagated']:.3f} | "
+               f"{r['m_uz_propagated_gamma']:.3f} |")
   out += ["", "Measured over predicted (geometric mean over units, and the standard deviation "
           "of the log ratio: a trend the reading misses shows as a large spread):", "",
-          "| measured | reading `unit` | reading `propagated` |", "|---|---|---|"]
+          "| measured | reading `unit` | reading `propagated` | `propagated`, γ²-aware |",
+          "|---|---|---|---|"]
   for key, label in (("relu_sum", "with ReLU after the sum"), ("sum", "without it")):
-    a, b = _log_ratio_stats(rows, key, "unit"), _log_ratio_stats(rows, key, "propagated")
-    out.append(f"| {label} | {a[0]:.2f} (±{a[1]:.2f}) | {b[0]:.2f} (±{b[1]:.2f}) |")
+    stats = [_log_ratio_stats(rows, key, r) for r in READINGS]
+    out.append(f"| {label} | " + " | ".join(f"{g:.2f} (±{sd:.2f})" for g, sd in stats) + " |")
   rel = [abs(r["sum"] - r["branch"] - r["shortcut_only"]) / r["sum"] for r in rows]
   vrel = [r["v_in_propagated"] / r["v_in"] for r in rows]
   out += ["", f"The sum adds: `|without − branch − shortcut| / without` is at most "
