@@ -102,6 +102,9 @@ def test_resnet_one_epoch_with_block_logging(tmp_path):
   assert all(np.isfinite(r["relu_sum"]) and r["relu_sum"] > 0 for r in result["rows"])
   text = (tmp_path / "lh" / "resnet_trained.md").read_text()
   assert "after training (scale_amended, epoch 1)" in text and "(γ, β as trained)" in text
+  assert "constant, input scale propagated), 1 epochs" in text  # which reading trained it
+  assert all(r["m_uz_propagated_gamma"] > 0 for r in result["rows"])
+  assert "m_uz `propagated`, γ²-aware" in text
   assert str(tmp_path) not in text  # the run is named, not its machine path
   with pytest.raises(SystemExit, match="holds vgg11"):
     lhr.main(["--checkpoint", str(_vgg_run(tmp_path)), "--out", str(tmp_path / "lh")])

@@ -117,9 +117,15 @@ def describe_run(workdir: str) -> str:
     data = "the shipped sample"
   else:
     data = shown_path(c.data_dir, os.path.basename(os.path.normpath(c.data_dir)))
+  reading = ""
+  if c.optimizer == "scale_amended":  # which reading of the scalars trained it
+    if getattr(c, "sa_input_scale", None):
+      reading += f", input scale {c.sa_input_scale}"
+    if getattr(c, "sa_gamma_aware", None):
+      reading += ", γ²-aware"
   return (f"a train/cifar.py run of {c.model} width {c.width:g}, {c.optimizer} (lr "
-          f"{c.lr if c.lr is not None else 'paper'}, {c.schedule}), {c.epochs} epochs, seed "
-          f"{c.seed}, on {c.dataset} from {data}")
+          f"{c.lr if c.lr is not None else 'paper'}, {c.schedule}{reading}), {c.epochs} epochs, "
+          f"seed {c.seed}, wd {c.weight_decay:g}, on {c.dataset} from {data}")
 
 
 # ----------------------------------------------------------------------------------------------
