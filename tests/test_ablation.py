@@ -4,6 +4,8 @@ scale-amended reading flags) and train/ablation.py's grid and report (issue 11).
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,6 +64,32 @@ def test_non_finite_loss_stops_the_run_with_valid_json(tmp_path):
   assert "NaN" not in "".join(lines)
   with pytest.raises(cifar.Diverged, match="nothing to resume"):  # a rerun does not retrain
     cifar.train_and_evaluate(cfg, str(tmp_path / "w"), progress=False)
+
+
+def test_non_finite_parameters_stop_the_run_even_with_a_finite_loss(tmp_path, monkeypatch):
+  """A γ²-aware scale-amended ResNet turned every parameter NaN while its logged loss stayed
+  at ln 10; such a run must stop as diverged, not finish at chance accuracy."""
+  real = cifar._compiled_runner
+
+  def poisoned(*args, **kwargs):
+    runner = real(*args, **kwargs)
+    train_epoch = runner.train_epoch
+
+    def nan_params(state, epoch):
+      state, sums = train_epoch(state, epoch)  # the loss of these steps is finite
+      return {**state, "params": jax.tree.map(lambda x: x * jnp.nan, state["params"])}, sums
+
+    runner.train_epoch = nan_params
+    return runner
+
+  monkeypatch.setattr(cifar, "_compiled_runner", poisoned)
+  with pytest.raises(cifar.Diverged, match="parameters are not finite in epoch 1"):
+    cifar.train_and_evaluate(_config(epochs=2), str(tmp_path / "w"), progress=False,
+                             log_blocks=True)
+  lines = (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()
+  (rec,) = [json.loads(line) for line in lines]
+  assert rec["diverged"] is True and rec["train_loss"] is not None
+  assert "NaN" not in "".join(lines) and rec["blocks"]["w_norm"][0] is None
 
 
 def test_ablation_grid_and_report(tmp_path, monkeypatch):

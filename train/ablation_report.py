@@ -166,8 +166,8 @@ def write_table(rows, out: pathlib.Path, readings: dict, title: str) -> str:
     if epochs == SCREEN_EPOCHS:
       lrs = sorted({r[0].lr for r in sel})
       lines += ["Final validation accuracy % (test accuracy %) per learning rate; "
-                "`div` = training loss turned non-finite (run stopped); the best learning "
-                "rate of each reading on validation in bold.", ""]
+                "`div` = training loss or parameters turned non-finite (run stopped); the best "
+                "learning rate of each reading on validation in bold.", ""]
       lines += ["| reading | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
                 "|---|" + "---|" * len(lrs)]
       best = best_lrs(rows, epochs)

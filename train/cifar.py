@@ -35,8 +35,8 @@ checkpoints), ``train.cli`` (what the command-line tools share); this module is 
 line and :func:`train_and_evaluate`, which strings them together.
 
 Exit status: 0 on success, 1 for unusable data (``train.data.DataError``), 2 for bad
-command-line input (argparse's own errors included), 3 for a run whose training loss turned
-non-finite (:class:`Diverged`), each reported as one ``error:`` line.
+command-line input (argparse's own errors included), 3 for a run whose training loss or
+parameters turned non-finite (:class:`Diverged`), each reported as one ``error:`` line.
 
 Usage: ``python train/cifar.py --help``.
 """
@@ -60,6 +60,7 @@ if __name__ == "__main__":  # Ctrl-C while JAX loads: one line and exit 130, no 
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from train import data as data_lib
@@ -75,7 +76,7 @@ from train.steps import EpochRunner
 
 
 class Diverged(RuntimeError):
-  """The training loss turned non-finite; the run stops (exit code 3)."""
+  """The training loss or the parameters turned non-finite; the run stops (exit code 3)."""
 
 
 def _log(msg: str) -> None:
@@ -98,7 +99,9 @@ def train_and_evaluate(config: Config, workdir: str, *, progress: bool = True,
   ``blocks``: per block (input to classifier) the mean effective angular step
   ``‖ΔW_b‖/‖W_b‖`` of its kernel over the epoch's steps, the mean scale-amended factor
   ``A_b/m_{b,W}`` (scale-amended runs), and at the epoch's end ``‖W_b‖`` and BatchNorm's
-  ``E[γ²]``. A non-finite training loss ends the run: its record is marked ``"diverged"``,
+  ``E[γ²]``. A non-finite training loss or parameter ends the run (parameters can turn NaN
+  while the logged loss stays finite: seen with a γ²-aware scale-amended ResNet, whose loss
+  stayed at ln 10): its record is marked ``"diverged"``,
   checkpointed, and :class:`Diverged` is raised (also on a rerun).
   """
   config = config.resolved()
@@ -187,8 +190,8 @@ def _resume(mngr, state: dict, workdir: str) -> tuple[dict, list]:
   records.write_metrics(workdir, history)
   if history and history[-1].get("diverged"):
     raise Diverged(f"the run in {workdir} diverged in epoch {history[-1]['epoch']} "
-                   "(non-finite training loss); nothing to resume: use another --lr or "
-                   "--workdir")
+                   "(non-finite training loss or parameters); nothing to resume: use another "
+                   "--lr or --workdir")
   return state, history
 
 
@@ -233,7 +236,8 @@ def _train_epochs(config: Config, setup: Setup, runner: EpochRunner, state: dict
       records.save_checkpoint(mngr, epoch + 1, state, history)
       records.write_metrics(workdir, history)
       if record.get("diverged"):
-        raise Diverged(f"training loss is not finite in epoch {epoch + 1} (lr {config.lr:g}); "
+        what = ("training loss is" if record["train_loss"] is None else "parameters are")
+        raise Diverged(f"{what} not finite in epoch {epoch + 1} (lr {config.lr:g}); "
                        f"stopped, the record is kept in {os.path.join(workdir, 'metrics.jsonl')}")
       msg = _epoch_message(config, record, momentum, (epoch + 1) * runner.steps_per_epoch)
       if bar.disable:
@@ -282,9 +286,15 @@ def _train_and_evaluate_epoch(config: Config, setup: Setup, runner: EpochRunner,
                           * config.batch_size]
     blocks.update(block_statistics(setup, jax.device_get(state["params"])))
     record["blocks"] = blocks
-  if not np.isfinite(train_sums["loss"]):
+  if not np.isfinite(train_sums["loss"]) or not bool(jax.device_get(_all_finite(state["params"]))):
     record["diverged"] = True
   return state, record
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """Whether every element of every leaf is finite (one scalar: the epoch's check is cheap)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _epoch_message(config: Config, record: dict, momentum: Optional[float],
