@@ -286,7 +286,8 @@ def _train_and_evaluate_epoch(config: Config, setup: Setup, runner: EpochRunner,
                           * config.batch_size]
     blocks.update(block_statistics(setup, jax.device_get(state["params"])))
     record["blocks"] = blocks
-  if not np.isfinite(train_sums["loss"]) or not bool(jax.device_get(_all_finite(state["params"]))):
+  params_finite = bool(jax.device_get(_all_finite(state["params"])))
+  if not np.isfinite(train_sums["loss"]) or not params_finite:
     record["diverged"] = True
   return state, record
 
