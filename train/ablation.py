@@ -28,12 +28,17 @@ official ``cifar-100-python`` directory, by default ``../data/cifar-100-python``
 repository (rebuilt by ``../shared/data/cifar100/rebuild.py``; never committed), or
 ``--data-dir``.
 
+``--model resnet20`` runs it for ResNet-20 (width 1/4) on CIFAR-10: SGD with He et al.'s weight
+decay and scale-amended SGD under each reading of a residual unit's input scale
+(docs/method.md §7); results go to ``train/results/ablation_cifar10_resnet20/``.
+
 Examples::
 
   python train/ablation.py --phase screen --jobs 2
   python train/ablation.py --phase confirm --finalists sgd@0.1 sa_unscaled@0.03 --jobs 2
   python train/ablation.py --report-only --readme   # tables -> ablation.md and docs/results.md
   python train/ablation.py --dataset cifar100 --phase screen --jobs 1 --git-commit
+  python train/ablation.py --model resnet20 --phase screen --jobs 2
 """
 
 from __future__ import annotations
@@ -316,7 +321,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   name = args.dataset if args.model is None else f"{args.dataset}-{args.model}"
   if name not in STUDIES:
-    p.error(f"--model {args.model} is studied on {', '.join(k.split('-')[0] for k in STUDIES if k.endswith(args.model))} only")
+    on = ", ".join(k.split("-")[0] for k in STUDIES if k.endswith(f"-{args.model}"))
+    p.error(f"--model {args.model} is studied on {on} only")
   use_study(name, args.data_dir)
   if args.report_only:
     report()
