@@ -16,8 +16,9 @@ PathLike = Union[str, os.PathLike]
 
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:
-  # Hidden, and unique per process: two writers of one file never share a temporary.
-  return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  # Hidden, and unique per process: two writers of one file never share a temporary. The
+  # target's suffix stays last (savefig picks the format by it).
+  return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
 def write_text(path: PathLike, text: str) -> None:
@@ -38,7 +39,7 @@ def write_text(path: PathLike, text: str) -> None:
 def save_figure(fig, path: PathLike, dpi: int = 110) -> None:
   """Saves a matplotlib figure to ``path`` atomically (its format from the suffix)."""
   path = pathlib.Path(path)
-  tmp = _temporary(path).with_suffix(path.suffix)  # savefig picks the format by suffix
+  tmp = _temporary(path)
   try:
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
