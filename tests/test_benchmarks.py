@@ -103,3 +103,58 @@ def test_xla_flags_benchmark_reports_every_flag_even_a_failing_one(tmp_path):
   text = out_md.read_text()
   assert "| (none: the baseline) |" in text and "| 1.000 |" in text
   assert "| `--xla_bogus_flag=1` | — | — | — (failed: " in text and "Unknown flag" in text
+
+
+def test_hand_written_batchnorm_vjp_equals_flax_batchnorm_relu():
+  """benchmarks/batchnorm_vjp.py's bn_relu: values, batch statistics and gradients (input,
+  scale, offset) equal Flax's training-mode BatchNorm followed by ReLU."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from benchmarks import batchnorm_vjp
+
+  kx, ks, kb, kw = jax.random.split(jax.random.key(0), 4)
+  x = 2.0 * jax.random.normal(kx, (6, 5, 5, 3)) + 0.5
+  scale = 1.0 + 0.3 * jax.random.normal(ks, (3,))
+  bias = 0.2 * jax.random.normal(kb, (3,))
+  w = jax.random.normal(kw, x.shape)  # a loss that weighs every output differently
+
+  def flax_bn(x, scale, bias):
+    bn = nnx.BatchNorm(3, momentum=0.9, epsilon=1e-5, use_running_average=False,
+                       rngs=nnx.Rngs(0))
+    bn.scale[...], bn.bias[...] = scale, bias
+    y = nnx.relu(bn(x))
+    # Flax stores m·old + (1-m)·batch; with old mean 0 and old var 1 the batch's are recovered.
+    return y, bn.mean[...] / 0.1, (bn.var[...] - 0.9) / 0.1
+
+  hand = batchnorm_vjp.bn_relu_fn(1e-5)
+  for a, b in zip(flax_bn(x, scale, bias), hand(x, scale, bias)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  loss = lambda f: lambda *args: jnp.sum(w * f(*args)[0])
+  g_flax = jax.grad(loss(flax_bn), argnums=(0, 1, 2))(x, scale, bias)
+  g_hand = jax.grad(loss(hand), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(g_flax, g_hand):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_vjp_benchmark_tiny(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  out_md = tmp_path / "bn.md"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "batchnorm_vjp.py"), "--models", "vgg11",
+       "--widths", "1/16", "--batch", "8", "--repeats", "1", "--sample-seconds", "0",
+       "--check-steps", "2", "--out", str(out_md)],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  text = out_md.read_text()
+  row = next(line for line in text.splitlines() if line.startswith("| vgg11 | 1/16 |"))
+  # The trainer's step with the hand-written derivative trains as Flax's does.
+  assert float(row.split("|")[6]) < 1e-4, row
+  assert str(ROOT) not in text
+  bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batchnorm_vjp.py"),
+                        "--models", "resnet20"], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+  assert bad.returncode == 2 and "VGG names only" in bad.stderr
