@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import ablation, cifar, pipeline
+from train import ablation, ablation_report, cifar, pipeline
 from train import config as config_lib
 
 
@@ -132,6 +132,24 @@ def test_ablation_grid_and_report(tmp_path, monkeypatch):
   monkeypatch.setattr(ablation.subprocess, "run", lambda *a, **k: pytest.fail("retrained"))
   assert ablation.execute(ablation.Run("sgd", 0.1, 10, 0), git_commit=False) == "finished"
   assert ablation.execute(ablation.Run("sa_gamma", 0.1, 10, 0), git_commit=False) == "diverged"
+
+
+def test_a_record_with_non_finite_kernel_norms_is_a_diverged_run():
+  """Records from before the trainer checked its parameters: every epoch logged, loss ln 10,
+  chance accuracy, but the kernels' norms NaN from epoch 2 (or null, as the trainer now writes
+  a non-finite statistic). The report calls such a run diverged, at its first such epoch."""
+  def hist(bad):
+    return [{"epoch": e, "train_loss": 2.3026, "val_acc": 0.095,
+             "blocks": {"w_norm": [1.0, bad if e >= 2 else 1.0]}} for e in range(1, 11)]
+
+  for bad in (float("nan"), float("inf"), None):
+    assert ablation_report.status(hist(bad), 10) == "diverged", bad
+    assert ablation_report.diverged_at(hist(bad)) == 2
+  assert ablation_report.status(hist(1.0), 10) == "finished"
+  assert ablation_report.status(hist(1.0)[:4], 10) == "unfinished"
+  no_blocks = [{"epoch": 1, "train_loss": None, "diverged": True}]
+  assert ablation_report.status(no_blocks, 10) == "diverged"
+  assert ablation_report.diverged_at(no_blocks) == 1
 
 
 def test_screen_extends_a_sweep_whose_best_is_at_an_end():

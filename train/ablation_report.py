@@ -9,6 +9,7 @@ What depends on the study (output directory, readings, title, dataset) is passed
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -46,12 +47,30 @@ def read_metrics(path: pathlib.Path) -> list:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def non_finite_epoch(history: list):
+  """The first epoch whose logged kernel norms (``--log-blocks``) are non-finite, i.e. whose
+  parameters were; None if none. Records from before the trainer checked its parameters (it
+  now stops such a run as diverged) can show a finite loss and chance accuracy for such a run,
+  since XLA:CPU's fused ReLU-then-mean maps NaN to 0."""
+  for rec in history:
+    norms = (rec.get("blocks") or {}).get("w_norm") or ()
+    if any(x is None or not math.isfinite(x) for x in norms):
+      return rec.get("epoch")
+  return None
+
+
 def status(history: list, epochs: int) -> str:
-  if history and history[-1].get("diverged"):
+  if history and (history[-1].get("diverged") or non_finite_epoch(history) is not None):
     return "diverged"
   if history and history[-1].get("epoch") == epochs:
     return "finished"
   return "unfinished" if history else "not started"
+
+
+def diverged_at(history: list):
+  """The epoch a diverged run diverged in: its first with non-finite parameters, else its last."""
+  first = non_finite_epoch(history)
+  return history[-1].get("epoch") if first is None else first
 
 
 def collect(out: pathlib.Path) -> list:
@@ -182,7 +201,7 @@ def write_table(rows, out: pathlib.Path, readings: dict, title: str) -> str:
           any_run = True
           _, hist, st = match[0]
           if st == "diverged":
-            cells.append(f"div (ep {hist[-1]['epoch']})")
+            cells.append(f"div (ep {diverged_at(hist)})")
             continue
           if st != "finished":
             cells.append("…")
