@@ -121,9 +121,15 @@ def test_ablation_grid_and_report(tmp_path, monkeypatch):
   fake(ablation.Run("sgd", 0.1, 10, 0), 0.77)
   fake(ablation.Run("sgd", 0.03, 10, 0), 0.76)
   fake(ablation.Run("sa_gamma", 0.1, 10, 0), 0.0, diverged=True)
+  # The confirmation: a seed that diverged is counted, and kept out of the medians.
+  fake(ablation.Run("sgd", 0.1, 30, 0), 0.80)
+  fake(ablation.Run("sgd", 0.1, 30, 1), 0.82)
+  fake(ablation.Run("sgd", 0.1, 30, 2), 0.0, diverged=True)
   ablation.report()
   text = (tmp_path / "out" / "ablation.md").read_text()
   assert "**77.00 (76.00)**" in text and "76.00 (75.00)" in text and "div (ep 1)" in text
+  assert "| SGD (wd 1e-3) | 0.1 | 3 (1 diverged) | 81.00 [80.00–82.00] | 80.00 [79.00–81.00] |" \
+      in text, text
   assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
   assert (tmp_path / "out" / "blocks.png").stat().st_size > 1000  # per-block steps
   assert ablation.best_lrs(ablation.collect(), 10) == {"sgd": (0.1, 0.77)}

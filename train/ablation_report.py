@@ -214,21 +214,25 @@ def write_table(rows, out: pathlib.Path, readings: dict, title: str) -> str:
           lines.append(f"| {label} | " + " | ".join(cells) + " |")
       lines.append("")
     else:
-      lines += ["Median [min–max] over seeds of the final-epoch accuracy %, best median "
-                "validation accuracy first.", "",
+      lines += ["Median [min–max] over the finished seeds of the final-epoch accuracy %, best "
+                "median validation accuracy first; a seed whose run diverged is counted under "
+                "seeds and left out of the medians.", "",
                 "| reading | lr | seeds | validation | test | train loss |", "|---|---|---|---|---|---|"]
       groups = {}
       for r in sel:
-        if r[2] == "finished":
+        if r[2] in ("finished", "diverged"):
           groups.setdefault((r[0].reading, r[0].lr), []).append(r)
+      fin = {k: [r for r in g if r[2] == "finished"] for k, g in groups.items()}
       order = sorted(groups, key=lambda k: -statistics.median(
-          _final(h, "val_acc") or 0.0 for _, h, _ in groups[k]))
+          [_final(h, "val_acc") or 0.0 for _, h, _ in fin[k]] or [0.0]))
       for reading, lr in order:
-        fin = groups[(reading, lr)]
-        loss = statistics.median(_final(h, "train_loss") or float("nan") for _, h, _ in fin)
-        lines.append(f"| {readings[reading][0]} | {lr:g} | {len(fin)} | "
-                     f"{_spread([_final(h, 'val_acc') for _, h, _ in fin])} | "
-                     f"{_spread([_final(h, 'test_acc') for _, h, _ in fin])} | {loss:.3f} |")
+        done, n_div = fin[(reading, lr)], len(groups[(reading, lr)]) - len(fin[(reading, lr)])
+        seeds = f"{len(done) + n_div}" + (f" ({n_div} diverged)" if n_div else "")
+        loss = (f"{statistics.median(_final(h, 'train_loss') or float('nan') for _, h, _ in done):.3f}"
+                if done else "—")
+        lines.append(f"| {readings[reading][0]} | {lr:g} | {seeds} | "
+                     f"{_spread([_final(h, 'val_acc') for _, h, _ in done])} | "
+                     f"{_spread([_final(h, 'test_acc') for _, h, _ in done])} | {loss} |")
       lines.append("")
   lines += _block_table(rows, readings)
   text = "\n".join(lines) + "\n"
