@@ -284,7 +284,8 @@ def _train_and_evaluate_epoch(config: Config, setup: Setup, runner: EpochRunner,
     if "factor" in train_sums:
       blocks["factor"] = [finite_or_none(x) for x in train_sums["factor"] / count
                           * config.batch_size]
-    blocks.update(block_statistics(setup, jax.device_get(state["params"])))
+    stats = block_statistics(setup, jax.device_get(state["params"]))
+    blocks.update({k: [finite_or_none(x) for x in xs] for k, xs in stats.items()})
     record["blocks"] = blocks
   params_finite = bool(jax.device_get(_all_finite(state["params"])))
   if not np.isfinite(train_sums["loss"]) or not params_finite:

@@ -28,7 +28,10 @@ atomic_write = atomic.write_text
 
 
 def finite_or_none(x):
-  # metrics.jsonl and config.json hold only valid JSON: NaN/inf are recorded as null.
+  # metrics.jsonl and config.json hold only valid JSON: NaN/inf are recorded as null (and a
+  # statistic that does not exist, None, stays null).
+  if x is None:
+    return None
   x = float(x)
   return x if math.isfinite(x) else None
 

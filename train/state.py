@@ -179,10 +179,8 @@ def block_statistics(setup: Setup, params) -> dict:
       gammas.append(float(np.mean(np.square(np.asarray(g, np.float64)))))
     except ValueError:
       gammas.append(None)  # no BatchNorm (the classifier)
-  # metrics.jsonl holds valid JSON only: a non-finite statistic is recorded as null.
-  finite = lambda x: x if x is None or np.isfinite(x) else None
-  return {"w_norm": [finite(float(np.linalg.norm(np.asarray(k, np.float64)))) for k in kernels],
-          "gamma2": [finite(g) for g in gammas]}
+  return {"w_norm": [float(np.linalg.norm(np.asarray(k, np.float64))) for k in kernels],
+          "gamma2": gammas}
 
 
 def bn_momentum(config: Config, num_classes: int) -> Optional[float]:
