@@ -44,6 +44,17 @@ from train import cli  # noqa: E402  (sets nothing on import; the flags are set 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "batchnorm_vjp.md"
 
 
+def _batch_statistics(x, epsilon: float):
+  """``(mean, var, 1/sqrt(var + ε))`` over all axes but the last, as Flax computes them (its
+  fast variance, E[x²] − E[x]², clipped at 0)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
+  return mean, var, jax.lax.rsqrt(var + epsilon)
+
+
 def bn_relu_fn(epsilon: float):
   """``bn_relu(x, scale, bias) -> (relu(BN(x)), batch mean, batch variance)`` over all axes but
   the last, with the hand-written VJP above (the statistics get no cotangent: the trainer
@@ -52,12 +63,8 @@ def bn_relu_fn(epsilon: float):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   def forward(x, scale, bias):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    # Flax's fast variance, E[x²] − E[x]², clipped at 0 as Flax does.
-    var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
-    inv = jax.lax.rsqrt(var + epsilon)
-    y = jax.nn.relu((x - mean) * (inv * scale) + bias)
+    mean, var, inv = _batch_statistics(x, epsilon)
+    y = jax.nn.relu((x - mean) * (inv * scale) + bias)  # Flax's order of operations
     return y, mean, var, inv
 
   @jax.custom_vjp
@@ -92,10 +99,7 @@ def bn_relu_jvp_fn(epsilon: float):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   def forward(x, scale, bias):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    var = jnp.maximum(jnp.mean(jnp.square(x), axes) - jnp.square(mean), 0.0)
-    inv = jax.lax.rsqrt(var + epsilon)
+    mean, var, inv = _batch_statistics(x, epsilon)
     xhat = (x - mean) * inv
     return jax.nn.relu(xhat * scale + bias), mean, var, inv, xhat
 
@@ -121,8 +125,9 @@ def bn_relu_jvp_fn(epsilon: float):
 
 @contextlib.contextmanager
 def hand_written_batchnorm(rule: str = "vjp"):
-  """Within: ``train.models.ConvBlock`` runs BatchNorm + ReLU through :func:`bn_relu_fn` in
-  training mode (evaluation mode is unchanged). Only tracing needs to happen inside."""
+  """Within: ``train.models.ConvBlock`` runs BatchNorm + ReLU through :func:`bn_relu_fn`
+  (``rule="vjp"``) or :func:`bn_relu_jvp_fn` (``"jvp"``) in training mode (evaluation mode is
+  unchanged). Only tracing needs to happen inside."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from train import models  # pylint: disable=import-outside-toplevel
