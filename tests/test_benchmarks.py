@@ -24,12 +24,22 @@ RUNS = {
 }
 
 
-@pytest.fixture(scope="module")
-def runs():
+def _cpu_env() -> dict:
+  """A benchmark measures one CPU device: no conftest XLA_FLAGS (4 simulated devices)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT,
+                        env=_cpu_env(), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def runs():
   procs = {script: subprocess.Popen(
-      [sys.executable, str(ROOT / "benchmarks" / script), *COMMON, *args], cwd=ROOT, env=env,
+      [sys.executable, str(ROOT / "benchmarks" / script), *COMMON, *args], cwd=ROOT, env=_cpu_env(),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for script, args in RUNS.items()}
   yield procs
@@ -76,19 +86,14 @@ def test_throughput_quick(runs):
 
 
 def test_max_pool_benchmark_tiny(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
   out_md = tmp_path / "pool.md"
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--models", "vgg11",
-       "--widths", "1/16", "--batch", "8", "--reps", "1", "--sample-seconds", "0", "--out",
-       str(out_md)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  proc = _run_benchmark("max_pool.py", "--models", "vgg11", "--widths", "1/16", "--batch", "8",
+                        "--reps", "1", "--sample-seconds", "0", "--out", str(out_md))
   assert proc.returncode == 0, proc.stderr[-4000:]
   text = out_md.read_text()
   assert "## The pool alone" in text and "| 1/16 | (8, 32, 32, 4) |" in text
   assert "| vgg11 | 1/16 |" in text and str(ROOT) not in text
-  bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "max_pool.py"), "--models",
-                        "vgg12"], cwd=ROOT, env=env, capture_output=True, text=True)
+  bad = _run_benchmark("max_pool.py", "--models", "vgg12")
   assert bad.returncode == 2 and "unknown VGG 'vgg12'" in bad.stderr
 
 
@@ -140,14 +145,10 @@ def test_hand_written_batchnorm_vjp_equals_flax_batchnorm_relu():
 
 
 def test_batchnorm_vjp_benchmark_tiny(tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
   out_md = tmp_path / "bn.md"
-  proc = subprocess.run(
-      [sys.executable, str(ROOT / "benchmarks" / "batchnorm_vjp.py"), "--models", "vgg11",
-       "--widths", "1/16", "--batch", "8", "--repeats", "1", "--sample-seconds", "0",
-       "--check-steps", "2", "--out", str(out_md)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  proc = _run_benchmark("batchnorm_vjp.py", "--models", "vgg11", "--widths", "1/16", "--batch",
+                        "8", "--repeats", "1", "--sample-seconds", "0", "--check-steps", "2",
+                        "--out", str(out_md))
   assert proc.returncode == 0, proc.stderr[-4000:]
   text = out_md.read_text()
   row = next(line for line in text.splitlines() if line.startswith("| vgg11 | 1/16 |"))
@@ -157,7 +158,5 @@ def test_batchnorm_vjp_benchmark_tiny(tmp_path):
   diffs = [float(d) for d in row.split("|")[col].split("/")]
   assert len(diffs) == 2 and max(diffs) < 1e-4, row
   assert str(ROOT) not in text
-  bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "batchnorm_vjp.py"),
-                        "--models", "resnet20"], cwd=ROOT, env=env, capture_output=True,
-                       text=True)
+  bad = _run_benchmark("batchnorm_vjp.py", "--models", "resnet20")
   assert bad.returncode == 2 and "VGG names only" in bad.stderr
