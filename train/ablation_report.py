@@ -115,10 +115,14 @@ def best_lrs(rows, epochs: int) -> dict:
   return best
 
 
+def _run_configs(out: pathlib.Path) -> list:
+  """The recorded runs' ``config.json`` contents, in file-name order."""
+  return [json.loads(cfg.read_text()) for cfg in sorted(out.glob("runs/*.config.json"))]
+
+
 def run_width(out: pathlib.Path) -> float:
   """The width the study's recorded runs were trained at (``WIDTH`` before any run)."""
-  widths = {json.loads(cfg.read_text()).get("width", WIDTH)
-            for cfg in out.glob("runs/*.config.json")}
+  widths = {c.get("width", WIDTH) for c in _run_configs(out)}
   if len(widths) > 1:
     raise ValueError(f"{out}/runs holds runs of several widths {sorted(widths)}: one study, "
                      "one width")
@@ -139,8 +143,7 @@ _OPTIMIZER_NAMES = {"sgd": "SGD", "lars": "LARS", "lsalr": "LSALR",
 def _weight_decays(out: pathlib.Path) -> str:
   """The recorded runs' weight decay per optimizer, e.g. "SGD/LARS 1e-3, scale-amended 5e-3"."""
   by_value: dict = {}
-  for cfg in sorted(out.glob("runs/*.config.json")):
-    c = json.loads(cfg.read_text())
+  for c in _run_configs(out):
     if "optimizer" not in c or "weight_decay" not in c:
       continue
     name = _OPTIMIZER_NAMES.get(c["optimizer"], c["optimizer"])
@@ -383,7 +386,6 @@ def readme_markers(study: str) -> tuple:
   ``STUDIES`` names them: "cifar10", "cifar100", "cifar10-resnet20")."""
   tag = "ablation-table" if study == "cifar10" else f"ablation-table-{study}"
   return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
-
 
 
 def update_readme(readme: pathlib.Path, out: pathlib.Path, title: str, study: str) -> bool:
