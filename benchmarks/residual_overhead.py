@@ -39,7 +39,8 @@ SAMPLE = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 def optimizers(specs):
   sgd = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, 0.9, nesterov=True))
   return {"sgd": sgd,
-          "scale_amended (propagated)": optax_bm.scale_amended_sgd(0.1, specs),
+          "scale_amended (propagated)": optax_bm.scale_amended_sgd(0.1, specs,
+                                                                input_scale="propagated"),
           "scale_amended (unit)": optax_bm.scale_amended_sgd(0.1, specs, input_scale="unit")}
 
 

@@ -152,7 +152,7 @@ def back_matching_step(
     *,
     scale_others: bool = False,
     gamma_aware: bool = False,
-    input_scale: str = "propagated",
+    input_scale: str = "unit",
 ) -> BackMatchingResult:
   r"""One iteration of back-matching propagation over an explicit chain of blocks.
 
@@ -184,7 +184,7 @@ def back_matching_step(
       by ``E[γ²]`` of their BatchNorm scale (:func:`optax_bm.local_hessian_scalars`).
     input_scale: for ``"scalar"`` on residual units: the second moment ``v`` of a residual
       unit's input by which the ``m_z`` of a normalized block reading it is divided,
-      ``"propagated"`` or ``"unit"`` (:func:`optax_bm.block_scales`).
+      ``"unit"`` (default) or ``"propagated"`` (:func:`optax_bm.block_scales`).
 
   Returns:
     A :class:`BackMatchingResult` with the new parameters, the targets ``z_b^{k+1/2}`` and the

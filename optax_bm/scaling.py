@@ -390,7 +390,7 @@ def _block_and_input_scalars(plan, units, lowest, lowest_block, param_leaves, pa
 
 
 def leaf_factors(spec_leaves, param_leaves, paths, *, scale_others: bool = False,
-                 gamma_aware: bool = False, input_scale: str = "propagated") -> list:
+                 gamma_aware: bool = False, input_scale: str = "unit") -> list:
   """The factor of every leaf (``None`` for UNSCALED or masked leaves).
 
   ``param_leaves`` may hold ``optax.MaskedNode`` where ``optax.masked`` hid a parameter; a
@@ -451,14 +451,14 @@ class UnitScalars(NamedTuple):
 
 
 def unit_scalars(specs: specs_lib.SpecsOrFn, params: Any, *, gamma_aware: bool = False,
-                 input_scale: str = "propagated") -> list:
+                 input_scale: str = "unit") -> list:
   """Per unit, its input scalar ``m_{u,z}`` and input scale ``v`` (for logging and study).
 
   Args:
     specs: a spec tree (or callable on ``params``), as for :func:`block_scales`.
     params: the current parameters.
     gamma_aware: as for :func:`block_scales`.
-    input_scale: ``"propagated"`` or ``"unit"`` (see :func:`block_scales`).
+    input_scale: ``"unit"`` (default) or ``"propagated"`` (see :func:`block_scales`).
 
   Returns:
     A list of :class:`UnitScalars`, unit 0 (nearest the input) first.
@@ -477,7 +477,7 @@ def unit_scalars(specs: specs_lib.SpecsOrFn, params: Any, *, gamma_aware: bool =
 
 
 def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool = False,
-                 gamma_aware: bool = False, input_scale: str = "propagated") -> Any:
+                 gamma_aware: bool = False, input_scale: str = "unit") -> Any:
   r"""The factor that scale-amended SGD applies to every parameter's gradient.
 
   For a leaf of block ``b`` in a chain (docs/method.md#scale-amended-sgd-the-unrolled-factors):
@@ -516,8 +516,8 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
   the output of a residual unit (the first block of each branch; a plain block after a unit);
   every other block keeps ``v = 1``, so chains are unchanged by it:
 
-  * ``"unit"``: ``v = 1`` (the chain's scalars taken literally).
-  * ``"propagated"`` (default): ``v`` from a signal-propagation recursion over the current
+  * ``"unit"`` (default): ``v = 1`` (the chain's scalars taken literally).
+  * ``"propagated"``: ``v`` from a signal-propagation recursion over the current
     parameters. Assumptions: the network input is standardized (mean 0, second moment 1); a
     plain block with BatchNorm is followed by a ReLU (a ResNet stem), its output per channel
     ``ReLU(γ x̂ + β)`` with ``x̂ ~ N(0, 1)``; a branch ends in a BatchNorm, so ``F_u`` has
@@ -531,19 +531,20 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
     and ``γ_{S,c}² + γ_c²``), averaged over channels. A branch without a BatchNorm at its end
     whose output a normalized block reads is an error (its scale is unknown).
 
-  Why ``"propagated"`` is the default: measured at initialization on ResNet-20 (option A,
-  width 1, BatchNorm at ``γ = 1, β = 0``, 128 real CIFAR-10 training images;
-  ``train/local_hessian_resnet.py``, table in ``train/results/local_hessian/resnet.md``), the
-  mean eigenvalue ``tr(J_zᵀ J_z)/d`` of each unit's input Hessian falls as the unit input's
-  second moment grows (identity units: 4.02 at ``v = 0.50`` down to 1.28 at ``v = 3.13``),
-  which ``"unit"`` (2 for every identity unit) misses. Measured over predicted, over the nine
-  units: 1.09 (geometric mean; spread of the log ratio ±0.11) for ``"propagated"``, 0.84
-  (±0.36) for ``"unit"``; the recursion's ``v`` is 0.89-0.99 of the measured one. The sum
-  adds (without the activation, unit = branch + shortcut within 3.3 %: the cross term is
-  negligible at initialization) and the shortcut scalars are exact; the ReLU after the sum
-  multiplies the measured value by 0.63-0.74, which neither reading models (``"propagated"``
-  is 1.57× low without it, as a chain's scalars are for blocks reading a ReLU output, and the
-  two roughly cancel). Validation accuracy has not yet decided between the readings.
+  Why ``"unit"`` is the default: validation accuracy chose it. ResNet-20 (option A, width
+  1/4) on CIFAR-10, 30 epochs, 5,000 held-out training images (``train/ablation.py --model
+  resnet20``; ``docs/results.md``): ``"unit"`` beat ``"propagated"`` on every seed, with
+  non-overlapping ranges. The local Hessians do not settle it on their own
+  (``train/local_hessian_resnet.py``; ``train/results/local_hessian/resnet*.md``): the mean
+  eigenvalue ``tr(J_zᵀ J_z)/d`` of each unit's input Hessian, without the activation after
+  the sum, over the reading's ``m_{u,z}`` (geometric mean over the nine units of ResNet-20) is
+  1.09 for ``"propagated"`` and 0.84 for ``"unit"`` at initialization (width 1), 1.13 and
+  0.67 after 10 epochs of SGD, but 0.46-0.48 and 0.72 after 10 epochs of scale-amended SGD
+  (with either reading), whose γ shrink while the scalars ignore them (``gamma_aware``
+  corrects that to 1.54, over-shooting, and diverges in training). Measured there too: the
+  recursion's ``v`` is 0.85-1.31 of the measured one; the sum adds within 3.3 % at
+  initialization and 18 % after training (the dropped cross term grows); the ReLU after the
+  sum multiplies the unit's value by 0.53-0.99, which neither reading models.
 
   Args:
     specs: a spec tree with the structure of ``params`` (as made by :func:`optax_bm.annotate`),
@@ -553,7 +554,7 @@ def block_scales(specs: specs_lib.SpecsOrFn, params: Any, *, scale_others: bool 
       the default ``False`` leaves them at factor 1
       (see :func:`optax_bm.scale_by_back_matching`).
     gamma_aware: multiply ``m_{b,W}`` and ``m_{b,z}`` of normalized blocks by ``E[γ²]``.
-    input_scale: ``"propagated"`` or ``"unit"``, the second moment ``v`` of a residual
+    input_scale: ``"unit"`` (default) or ``"propagated"``, the second moment ``v`` of a residual
       unit's input (above); no effect on chains.
 
   Returns:

@@ -25,7 +25,7 @@ def _is_masked(x):
 
 def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = False,
                            gamma_aware: bool = False,
-                           input_scale: str = "propagated") -> optax.GradientTransformation:
+                           input_scale: str = "unit") -> optax.GradientTransformation:
   r"""Rescales every block's update by its scalar local Hessians (scale-amended SGD).
 
   Back-matching propagation (docs/method.md#2-back-matching-propagation) solves, from the
@@ -65,8 +65,8 @@ def scale_by_back_matching(specs: specs_lib.SpecsOrFn, *, scale_others: bool = F
       with BatchNorm by the mean squared BatchNorm scale ``E[γ²]`` of that block
       (docs/method.md#64-batchnorms-scale-ignored; see :func:`optax_bm.local_hessian_scalars`).
     input_scale: the second moment of a residual unit's input in the scalars of the
-      normalized blocks reading it: ``"propagated"`` (default; a signal-propagation
-      recursion over BatchNorm's ``γ``, ``β``) or ``"unit"`` (1); see
+      normalized blocks reading it: ``"unit"`` (default; 1, chosen on validation) or
+      ``"propagated"`` (a signal-propagation recursion over BatchNorm's ``γ``, ``β``); see
       :func:`optax_bm.block_scales` for the assumptions and the evidence. No effect on chains.
 
   Returns:
@@ -126,7 +126,7 @@ def scale_amended_sgd(
     scale_others: bool = False,
     gamma_aware: bool = False,
     decay_before_scaling: bool = True,
-    input_scale: str = "propagated",
+    input_scale: str = "unit",
 ) -> optax.GradientTransformation:
   r"""Scale-amended SGD, the paper's optimizer (docs/method.md#4-the-optimizers-of-table-1).
 

@@ -328,6 +328,7 @@ def test_block_scales_of_residual_units_by_hand(shortcut):
   np.testing.assert_allclose(sc["u1a"]["kernel"], r["u1a"] / 1.0 / (3 * m2), rtol=1e-6)
   np.testing.assert_allclose(sc["stem"]["kernel"], r["stem"] / (3 * m2 * 2), rtol=1e-6)
   np.testing.assert_allclose(sc["u1a"]["bn"]["scale"], 1.0)  # others: factor 1
+  chex.assert_trees_all_equal(optax_bm.block_scales(specs, params), sc)  # "unit": the default
   # Reading "propagated": the stem's output ReLU(x̂) has mean 1/√(2π) and second moment 1/2;
   # unit 1 (identity, ReLU after the sum) has a Gaussian pre-activation of mean m0 and
   # variance (1/2 − m0²) + γ² = 1.5 − m0².
@@ -336,7 +337,7 @@ def test_block_scales_of_residual_units_by_hand(shortcut):
   v1 = _relu_moments_by_quadrature(m0, v0 - m0 ** 2 + 1.0)[1]
   m1_uz = 1.0 / v0 + 1.0  # the first block reads z_0: m_z / v0
   m2_uz = 1.5 / v1 + (1.0 if shortcut == "identity" else 1.5 / v1)
-  sc = optax_bm.block_scales(specs, params)  # the default
+  sc = optax_bm.block_scales(specs, params, input_scale="propagated")
   np.testing.assert_allclose(sc["u2b"]["kernel"], r["u2b"] / 3, rtol=1e-6)
   np.testing.assert_allclose(sc["u1b"]["kernel"], r["u1b"] / (3 * m2_uz), rtol=1e-5)
   np.testing.assert_allclose(sc["stem"]["kernel"], r["stem"] / (3 * m2_uz * m1_uz),
@@ -361,7 +362,7 @@ def test_subsample_shortcut_scalar_and_moments_by_hand():
   m1 = v1[0]
   # Unit 2 keeps 4 of 6 channels of z_1 (zero-padding the others).
   v2 = (4 / 6) * _relu_moments_by_quadrature(m1, v1[1] - m1 ** 2 + 1.0)[1] + (2 / 6) * 0.5
-  sc = optax_bm.block_scales(specs, params)
+  sc = optax_bm.block_scales(specs, params, input_scale="propagated")
   # u2b's factor: r / m_{fc2,z} / m_{fc,z} with m_{fc2,z} = (6/6) / v2.
   np.testing.assert_allclose(sc["u2b"]["kernel"], r["u2b"] * v2 / 3, rtol=1e-5)
 
@@ -407,8 +408,8 @@ def test_bad_residual_specs_are_rejected_naming_the_block():
   no_bn_specs["u1b"] = {"kernel": LayerSpec(2, "kernel", "dense", 1, 1.0, False,
                                             specs["u1b"]["kernel"].residual)}
   with pytest.raises(ValueError, match=r"unit 1's main branch.*'u1b/kernel'.*input_scale='unit'"):
-    optax_bm.block_scales(no_bn_specs, no_bn)
-  optax_bm.block_scales(no_bn_specs, no_bn, input_scale="unit")  # fine without the recursion
+    optax_bm.block_scales(no_bn_specs, no_bn, input_scale="propagated")
+  optax_bm.block_scales(no_bn_specs, no_bn)  # the default, "unit", needs no recursion
 
 
 # --- optax citizenship with residual specs ---------------------------------------------------
@@ -446,7 +447,7 @@ def test_residual_specs_work_under_jit_chain_masked_multisteps_and_apply_if_fini
   # reading: the propagated one reads γ and β, and masking them out is an error naming one).
   not_bn = jax.tree_util.tree_map_with_path(
       lambda p, _: "bn" not in optax_bm.specs.path_str(p), params)
-  masked = optax.masked(optax_bm.scale_by_back_matching(specs), not_bn)
+  masked = optax.masked(optax_bm.scale_by_back_matching(specs, input_scale="propagated"), not_bn)
   with pytest.raises(ValueError, match="'units/0/bn/scale'.*masked out.*input_scale='unit'"):
     masked.update(grads, masked.init(params), params)
   masked = optax.masked(optax_bm.scale_by_back_matching(specs, input_scale="unit"), not_bn)
@@ -524,7 +525,8 @@ def test_unit_scalars_and_local_hessian_script_on_a_tiny_resnet():
   assert "| unit | shortcut |" in lhr.markdown(result)
   model = nets.residual_net("projection")
   specs = optax_bm.annotate(model, jnp.zeros((2, 8, 8, 3)))
-  units = optax_bm.unit_scalars(specs, nnx.as_pure(nnx.state(model, nnx.Param)))
+  units = optax_bm.unit_scalars(specs, nnx.as_pure(nnx.state(model, nnx.Param)),
+                                input_scale="propagated")
   assert [(u.blocks, u.residual) for u in units] == [
       ((0,), False), ((1, 2), True), ((3, 4, 5), True), ((6,), False)]
   assert units[0].v_in is None and units[3].v_in is None  # no normalized reader of a sum

@@ -99,7 +99,7 @@ LSALR = ("LSALR (wd 1e-3)", ["--optimizer", "lsalr"])
 RESNET_READINGS = {
     "sgd_he": ("SGD (wd 1e-4, He et al.)", ["--optimizer", "sgd"]),
     "sa_propagated": _sa("SA: input scale propagated", **{"input-scale": "propagated"}),
-    "sa_unit": _sa("SA: input scale 1", **{"input-scale": "unit"}),
+    "sa_unit": _sa("SA: input scale 1 (the default)", **{"input-scale": "unit"}),
     # Added after the lr-0.1 runs' local Hessians (train/results/local_hessian/
     # resnet_trained.md): scale-amended training shrinks the branches' BatchNorm γ, which the
     # propagated scalars ignore unless γ²-aware.

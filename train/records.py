@@ -20,6 +20,7 @@ import numpy as np
 
 from train import atomic
 from train import data as data_lib
+from train import models
 from train.config import Config, UsageError
 from train.state import create_schedule
 
@@ -99,7 +100,7 @@ def check_config(config: Config, workdir: str) -> tuple[Config, Optional[dict]]:
 
   A run stored before ``decay_boundaries`` existed resumes with the schedule it started with
   (epoch-aligned decays), also where a new run of its length would now decay at steps; one
-  stored before ``sa_input_scale`` existed, with the library's default input scale.
+  stored before ``sa_input_scale`` existed, with ``"propagated"``, the library's default then.
   ``data_dir`` and ``epochs`` are left to :func:`check_data` and :func:`check_epochs`.
   """
   stored = read_stored_config(workdir)
@@ -109,10 +110,11 @@ def check_config(config: Config, workdir: str) -> tuple[Config, Optional[dict]]:
     config = dataclasses.replace(config, decay_boundaries=None)
   new = config.to_json()
   if stored.get("sa_input_scale") is None and new.get("sa_input_scale") is not None:
-    # Stored before --sa-input-scale existed: it ran with the library's default reading.
-    from train.config import sa_reading_defaults  # pylint: disable=import-outside-toplevel
-    if new["sa_input_scale"] == sa_reading_defaults()["sa_input_scale"]:
-      stored = {**stored, "sa_input_scale": new["sa_input_scale"]}
+    # Stored before --sa-input-scale existed: a scale-amended ResNet ran with the library's
+    # default of that time, "propagated" (the default is "unit" since), so resuming it takes
+    # that flag, and the error below names both readings.
+    if stored.get("optimizer") == "scale_amended" and stored.get("model") in models.RESNETS:
+      stored = {**stored, "sa_input_scale": "propagated"}
   diff = [f"{k}: {stored.get(k)!r} there, {new.get(k)!r} here"
           for k in sorted(set(stored) | set(new)) if k not in _LATE_FIELDS + ("data",)
           and stored.get(k) != new.get(k)]
