@@ -426,7 +426,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="weight decay added before or after the scaling")
   g.add_argument("--sa-input-scale", choices=("propagated", "unit"), default=None,
                  help="a residual unit's input second moment in the factors (ResNets only; "
-                      "scale_amended_sgd(input_scale=...))")
+                      "scale_amended_sgd(input_scale=...); default: the library's, unit)")
   p.add_argument("--workdir", required=True,
                  help="config, metrics and checkpoints (required; rerun to resume)")
   p.add_argument("--eval-only", action="store_true",
