@@ -53,6 +53,16 @@ def test_weight_decay_defaults_per_model_family():
   assert _config(optimizer="sgd", weight_decay=5e-4).weight_decay == 5e-4
 
 
+def test_learning_rate_defaults_per_model_family():
+  for optimizer in config_lib.OPTIMIZERS:
+    vgg_lr = config_lib.DEFAULT_SETTINGS[optimizer][0]
+    assert config_lib.Config(optimizer=optimizer).resolved().lr == vgg_lr
+    # Scale-amended SGD: validated on ResNet-20 (0.1); the others keep theirs (SGD: He et al.).
+    expected = 0.1 if optimizer == "scale_amended" else vgg_lr
+    assert _config(optimizer=optimizer).lr == expected
+  assert _config(optimizer="scale_amended", lr=0.03).lr == 0.03
+
+
 def test_sa_input_scale_reaches_the_optimizer():
   assert _config(optimizer="scale_amended").sa_input_scale == "unit"  # library default
   assert _config(optimizer="sgd").sa_input_scale is None

@@ -383,7 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="peak learning rate; default: the one chosen on a CIFAR-10 validation "
                       "split (train/results/ablation_cifar10): "
                       f"{_settings_text(DEFAULT_SETTINGS, 0)}, except lsalr, not screened "
-                      "there, at the paper's; the paper's own: "
+                      "there, at the paper's; ResNets with scale_amended: 0.1 (chosen on "
+                      "ResNet-20's validation split); the paper's own: "
                       f"{_settings_text(PAPER_SETTINGS, 0)}")
   p.add_argument("--weight-decay", type=float, default=None,
                  help="default: the paper's (1e-3; scale_amended 5e-3); ResNets with sgd: "
