@@ -69,6 +69,7 @@ from train import records
 from train.cli import (default_compilation_cache_dir, enable_compilation_cache, env_int,
                        set_cpu_xla_flags)
 from train.config import (DEFAULT_SETTINGS, DTYPES, NUM_CLASSES, OPTIMIZERS, PAPER_SETTINGS,
+                          RESNET_LEARNING_RATE,
                           Config, UsageError, config_from_args, validate_config)
 from train.pipeline import DeviceData, load_data, make_mesh, pad_to, replicate
 from train.state import Setup, block_statistics, bn_momentum, create_train_state
@@ -383,8 +384,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="peak learning rate; default: the one chosen on a CIFAR-10 validation "
                       "split (train/results/ablation_cifar10): "
                       f"{_settings_text(DEFAULT_SETTINGS, 0)}, except lsalr, not screened "
-                      "there, at the paper's; ResNets with scale_amended: 0.1 (chosen on "
-                      "ResNet-20's validation split); the paper's own: "
+                      "there, at the paper's; on ResNets, "
+                      + ", ".join(f"{name} {lr:g}" for name, lr in RESNET_LEARNING_RATE.items())
+                      + " (chosen on ResNet-20's validation split); the paper's own: "
                       f"{_settings_text(PAPER_SETTINGS, 0)}")
   p.add_argument("--weight-decay", type=float, default=None,
                  help="default: the paper's (1e-3; scale_amended 5e-3); ResNets with sgd: "
