@@ -106,7 +106,7 @@ def test_resnet_one_epoch_with_block_logging(tmp_path):
   # The §7 measurement reads the trained checkpoint: γ, β as trained, not 1 and 0.
   from train import local_hessian_resnet as lhr  # pylint: disable=import-outside-toplevel
   lhr.main(["--checkpoint", str(tmp_path / "w"), "--out", str(tmp_path / "lh"),
-            "--batch-size", "4", "--probes", "2", "--max-units", "2"])
+            "--data-dir", "sample", "--batch-size", "4", "--probes", "2", "--max-units", "2"])
   (result,) = json.loads((tmp_path / "lh" / "resnet_trained.json").read_text()).values()
   assert (result["optimizer"], result["epoch"], len(result["rows"])) == ("scale_amended", 1, 2)
   assert all(np.isfinite(r["relu_sum"]) and r["relu_sum"] > 0 for r in result["rows"])
@@ -117,7 +117,8 @@ def test_resnet_one_epoch_with_block_logging(tmp_path):
   assert "m_uz `propagated`, γ²-aware" in text
   assert str(tmp_path) not in text  # the run is named, not its machine path
   with pytest.raises(SystemExit, match="holds vgg11"):
-    lhr.main(["--checkpoint", str(_vgg_run(tmp_path)), "--out", str(tmp_path / "lh")])
+    lhr.main(["--checkpoint", str(_vgg_run(tmp_path)), "--out", str(tmp_path / "lh"),
+              "--data-dir", "sample"])
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -21,7 +21,8 @@ Usage::
   .venv/bin/python -m train.local_hessian_resnet --out train/results/local_hessian
 
 The images are the first ``--batch-size`` of ``data_batch_1`` of the python-version CIFAR-10
-(``--data-dir``, default ``../shared/data/cifar10/cifar-10-batches-py`` next to the repository).
+(``--data-dir``, default ``../shared/data/cifar10/cifar-10-batches-py`` next to the repository;
+anything ``train.data.load_cifar`` reads, ``sample`` for the shipped sample).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 import time
 from typing import Optional
@@ -46,6 +46,7 @@ from flax import nnx  # noqa: E402
 import optax_bm  # noqa: E402
 from optax_bm import hessian as hs  # noqa: E402
 from train import atomic  # noqa: E402
+from train import data as data_lib  # noqa: E402
 from train import pipeline  # noqa: E402
 from train import models  # noqa: E402
 
@@ -58,11 +59,17 @@ def log(msg: str) -> None:
 
 
 def load_images(data_dir: str, n: int) -> jax.Array:
-  """The first ``n`` images of ``data_batch_1``, normalized per channel (NHWC float32)."""
-  with open(os.path.join(data_dir, "data_batch_1"), "rb") as f:
-    batch = pickle.load(f, encoding="bytes")
-  images = np.asarray(batch[b"data"][:n], np.uint8).reshape(n, 3, 32, 32).transpose(0, 2, 3, 1)
-  return pipeline.normalize(jnp.asarray(images), "cifar10")
+  """The first ``n`` training images (those of ``data_batch_1``), normalized per channel (NHWC
+  float32). ``data_dir`` is anything :func:`train.data.load_cifar` reads, ``"sample"`` included;
+  subsets are accepted (a copy of ``data_batch_1`` alone, say)."""
+  try:
+    images = data_lib.load_cifar("cifar10", data_dir, allow_subset=True).train_images
+  except data_lib.DataError as e:
+    raise SystemExit(f"error: --data-dir {data_dir}: {e}") from None
+  if n > images.shape[0]:
+    raise SystemExit(f"--batch-size {n} exceeds the {images.shape[0]} training images of "
+                     f"{data_dir}")
+  return pipeline.normalize(jnp.asarray(images[:n]), "cifar10")
 
 
 def _pure(module):
